@@ -1,0 +1,1 @@
+"""`kitsseg evaluate` (placeholder until its issue lands)."""

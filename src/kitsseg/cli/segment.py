@@ -1,0 +1,1 @@
+"""`kitsseg segment` (placeholder until its issue lands)."""

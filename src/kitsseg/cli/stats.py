@@ -1,0 +1,1 @@
+"""`kitsseg stats` (placeholder until its issue lands)."""

@@ -1,0 +1,1 @@
+"""`kitsseg train` (placeholder until its issue lands)."""

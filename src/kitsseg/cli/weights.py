@@ -1,0 +1,1 @@
+"""`kitsseg weights` (placeholder until its issue lands)."""

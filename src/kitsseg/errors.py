@@ -1,0 +1,76 @@
+"""The project's own exception family.
+
+Every error a user can cause (a bad path, a file that is not a NIfTI, a 4D image, a weights file that
+fails its checksum, no CUDA) is raised as a subclass of :class:`KitssegError`. The CLI turns exactly these
+into one red line and the subclass's ``exit_code``; anything else is a bug and is allowed to show a
+traceback. Each subclass also inherits the matching built-in exception so library users can catch
+``ValueError`` or ``FileNotFoundError`` as they would expect.
+"""
+
+from __future__ import annotations
+
+
+class KitssegError(Exception):
+    """Base class: a problem the user can fix; the message says what is wrong and what to do."""
+
+    exit_code = 1
+
+
+class InputNotFoundError(KitssegError, FileNotFoundError):
+    """A path given by the user does not exist (or a folder holds no NIfTI files)."""
+
+    exit_code = 3
+
+
+class InvalidImageError(KitssegError, ValueError):
+    """A file exists but is not a usable CT or label volume (not NIfTI, truncated, 2D, 4D, NaN...)."""
+
+    exit_code = 4
+
+
+class GridMismatchError(KitssegError, ValueError):
+    """Two volumes that must share a voxel grid (prediction and ground truth) do not."""
+
+    exit_code = 5
+
+
+class OutputError(KitssegError, OSError):
+    """An output cannot be written (not writable, disk full, would overwrite the input)."""
+
+    exit_code = 6
+
+
+class WeightsError(KitssegError, RuntimeError):
+    """Weights are unknown, missing offline, fail their checksum, or cannot be downloaded."""
+
+    exit_code = 7
+
+
+class ChecksumError(WeightsError):
+    """A weights file does not match its registered sha256; it is deleted or refused, never used."""
+
+    exit_code = 8
+
+
+class DeviceError(KitssegError, RuntimeError):
+    """The requested compute device is not available (e.g. ``--device cuda`` without CUDA)."""
+
+    exit_code = 9
+
+
+class DatasetError(KitssegError, ValueError):
+    """A training or statistics dataset folder is missing, empty, or not in a known layout."""
+
+    exit_code = 10
+
+
+class ResourceError(KitssegError, MemoryError):
+    """A volume is too large for the memory available, estimated before any work starts."""
+
+    exit_code = 11
+
+
+#: Exit code the CLI uses when the user interrupts with Ctrl-C (the shell convention 128 + SIGINT).
+EXIT_INTERRUPTED = 130
+#: Exit code of a batch in which at least one case failed while the others were written.
+EXIT_BATCH_FAILED = 2
