@@ -14,3 +14,4 @@ from . import evaluate as _evaluate  # noqa: F401,E402
 from . import weights as _weights  # noqa: F401,E402
 from . import train as _train  # noqa: F401,E402
 from . import stats as _stats  # noqa: F401,E402
+from . import example as _example  # noqa: F401,E402
