@@ -1,0 +1,263 @@
+"""Two-stage inference with hand-set tiny U-Nets whose output is known in advance.
+
+An untrained network gives arbitrary masks, so the tests build "oracle" networks by setting weights:
+a constant network (all weights zero, head bias +-10) says foreground everywhere or nowhere, and a
+band-pass network says foreground where the windowed intensity lies in ``[lo, hi)``. With them the band
+placement, the kidney-slices-only rule and the resizing can be checked voxel for voxel. The helpers are
+imported by the other segment tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kitsseg.checkpoint import StageModel, WeightsBundle, load_bundle, save_bundle
+from kitsseg.errors import InvalidImageError
+from kitsseg.model import UNet, UNetConfig
+from kitsseg.predict import Prediction, predict_volume
+from kitsseg.preprocess import band_height, band_start
+
+TINY = UNetConfig(base_width=4, depth=2, norm="none")
+
+
+def constant_unet(logit: float, config: UNetConfig = TINY) -> UNet:
+    """A U-Net whose output is ``logit`` everywhere (all weights zero, head bias ``logit``)."""
+    net = UNet(config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.head.bias.fill_(logit)
+    return net.eval()
+
+
+def band_pass_unet(lo: float, hi: float, config: UNetConfig = TINY) -> UNet:
+    """A U-Net saying foreground where the windowed input ``x`` has ``lo + 0.0125 < x < hi`` (about).
+
+    Channel 0 of the first level carries ``relu(x - lo)``, channel 1 ``relu(x - hi)``; the centre taps of
+    the 3x3 convolutions pass them unchanged through the top level's skip connection, and the head gives
+    ``40 * ch0 - 400 * ch1 - 0.5``. Everything else is zero, so the deeper levels add nothing.
+    """
+    net = UNet(config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        first, second = net.inc[0], net.inc[3]
+        first.weight[0, 0, 1, 1] = 1.0
+        first.weight[1, 0, 1, 1] = 1.0
+        first.bias[0], first.bias[1] = -lo, -hi
+        second.weight[0, 0, 1, 1] = 1.0
+        second.weight[1, 1, 1, 1] = 1.0
+        top = net.ups[-1].conv  # input: cat([skip, up]) -> the skip's channels come first
+        for conv in (top[0], top[3]):
+            conv.weight[0, 0, 1, 1] = 1.0
+            conv.weight[1, 1, 1, 1] = 1.0
+        net.head.weight[0, 0, 0, 0] = 40.0
+        net.head.weight[0, 1, 0, 0] = -400.0
+        net.head.bias[0] = -0.5
+    return net.eval()
+
+
+def make_bundle(
+    kidney: UNet,
+    tumor: UNet | None,
+    *,
+    kidney_size: tuple[int, int] = (64, 64),
+    tumor_size: tuple[int, int] = (32, 64),
+    meta: dict | None = None,
+) -> WeightsBundle:
+    stages = {"kidney": StageModel(kidney, kidney_size)}
+    if tumor is not None:
+        stages["tumor"] = StageModel(tumor, tumor_size)
+    metadata = {"hu_window": [0, 255], "eig_bounds": [1.0, 100.0], "name": "oracle", **(meta or {})}
+    return WeightsBundle(stages["kidney"], stages.get("tumor"), metadata)
+
+
+def write_oracle_weights(path: Path, *, tumor: bool = True, meta: dict | None = None) -> Path:
+    """Weights whose kidney model finds about 49-249 HU (phantom kidney + tumor; not fat, soft tissue at
+    40 HU or bone) and whose tumor model finds about 49-121 HU (phantom tumor at 60-90 HU, not kidney at
+    150-200 HU), with HU window [0, 255]."""
+    stages = {"kidney": StageModel(band_pass_unet(0.18, 0.9), (64, 64))}
+    if tumor:
+        stages["tumor"] = StageModel(band_pass_unet(0.18, 0.45), (32, 64))
+    metadata = {
+        "hu_window": [0, 255],
+        "eig_bounds": [1.0, 100.0],
+        "name": "oracle",
+        "version": "0",
+        **(meta or {}),
+    }
+    return save_bundle(path, stages, metadata)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_all_foreground_gives_a_centred_band_at_full_resolution() -> None:
+    ct = np.zeros((5, 40, 48), dtype=np.float32)  # not the model size: both resizes run
+    bundle = make_bundle(constant_unet(10.0), constant_unet(10.0))
+    pred = predict_volume(ct, bundle, batch_size=2)
+    assert pred.kidney_tumor_mask.dtype == np.bool_
+    assert pred.tumor_mask.dtype == np.bool_
+    assert pred.kidney_tumor_mask.shape == ct.shape
+    assert pred.kidney_tumor_mask.all()
+    height = band_height(40)
+    first = band_start(0, 39, 40)
+    assert pred.band == (first, height) == (10, 20)
+    expected = np.zeros(ct.shape, dtype=bool)
+    expected[:, 10:30, :] = True
+    np.testing.assert_array_equal(pred.tumor_mask, expected)
+    assert pred.tumor_slices == 5
+    assert set(pred.timings) == {"kidney", "tumor"}
+
+
+def test_no_kidney_means_no_tumor_run() -> None:
+    ct = np.zeros((3, 64, 64), dtype=np.float32)
+    pred = predict_volume(ct, make_bundle(constant_unet(-10.0), constant_unet(10.0)))
+    assert not pred.kidney_tumor_mask.any()
+    assert not pred.tumor_mask.any()
+    assert pred.band is None
+    assert pred.tumor_slices == 0
+    assert any("no kidney" in n for n in pred.notes)
+
+
+def test_weights_without_tumor_model_give_empty_tumor_and_a_note() -> None:
+    ct = np.zeros((3, 64, 64), dtype=np.float32)
+    pred = predict_volume(ct, make_bundle(constant_unet(10.0), None))
+    assert pred.kidney_tumor_mask.all()
+    assert not pred.tumor_mask.any()
+    assert any("no tumor model" in n for n in pred.notes)
+
+
+@pytest.mark.parametrize(("rows", "expected_first"), [((5, 12), 0), ((50, 60), 32), ((30, 41), 20)])
+def test_tumor_runs_only_on_kidney_slices_inside_the_band(rows: tuple[int, int], expected_first: int) -> None:
+    ct = np.zeros((6, 64, 64), dtype=np.float32)
+    r0, r1 = rows
+    ct[[1, 4], r0 : r1 + 1, 20:30] = 150.0  # "kidney" on slices 1 and 4 only
+    bundle = make_bundle(band_pass_unet(0.2, 0.9), constant_unet(10.0))
+    pred = predict_volume(ct, bundle, batch_size=4)
+    kidney_truth = ct > 0
+    np.testing.assert_array_equal(pred.kidney_tumor_mask, kidney_truth)
+    assert pred.band == (expected_first, 32)
+    assert pred.band[0] == band_start(r0, r1, 64)
+    expected = np.zeros(ct.shape, dtype=bool)
+    expected[[1, 4], expected_first : expected_first + 32, :] = True
+    np.testing.assert_array_equal(pred.tumor_mask, expected)
+    assert pred.tumor_slices == 2
+
+
+def test_probabilities_are_resized_before_thresholding() -> None:
+    # A 128x128 disk seen by a 64x64 model. Expected: the model's probabilities upsampled bilinearly, then
+    # thresholded (a smooth edge); thresholding first and upsampling the mask gives 2x2 blocks instead.
+    from kitsseg.preprocess import resize, window
+
+    yy, xx = np.mgrid[:128, :128]
+    disk = (yy - 63.5) ** 2 + (xx - 60.0) ** 2 <= 30.0**2
+    ct = np.where(disk, 150.0, 0.0).astype(np.float32)[None]
+    net = band_pass_unet(0.2, 0.9)
+    pred = predict_volume(ct, make_bundle(net, None))
+    with torch.no_grad():
+        prob = torch.sigmoid(net(resize(window(torch.from_numpy(ct)[None], 0, 255), (64, 64))))
+    expected = (resize(prob, (128, 128))[0, 0] > 0.5).numpy()
+    blocky = resize((prob > 0.5).float(), (128, 128), mode="nearest")[0, 0].numpy() > 0
+    mask = pred.kidney_tumor_mask[0]
+    np.testing.assert_array_equal(mask, expected)
+    assert not np.array_equal(mask, blocky)
+    assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.95
+
+
+def test_batch_size_does_not_change_the_result() -> None:
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-200, 400, size=(7, 48, 56)).astype(np.float32)
+    bundle = make_bundle(band_pass_unet(0.2, 0.9), band_pass_unet(0.2, 0.45))
+    a = predict_volume(ct, bundle, batch_size=1)
+    b = predict_volume(ct, bundle, batch_size=16)
+    np.testing.assert_array_equal(a.kidney_tumor_mask, b.kidney_tumor_mask)
+    np.testing.assert_array_equal(a.tumor_mask, b.tumor_mask)
+    assert a.kidney_tumor_mask.any()
+    assert a.tumor_mask.any()
+
+
+def test_input_is_not_modified_and_progress_is_reported() -> None:
+    ct = np.full((5, 64, 64), 150.0, dtype=np.float32)
+    before = ct.copy()
+    calls: list[tuple[str, int, int]] = []
+    predict_volume(
+        ct,
+        make_bundle(constant_unet(10.0), constant_unet(10.0)),
+        batch_size=2,
+        progress=lambda *a: calls.append(a),
+    )
+    np.testing.assert_array_equal(ct, before)
+    assert calls[-1] == ("tumor", 5, 5)
+    assert ("kidney", 5, 5) in calls
+    assert ("kidney", 2, 5) in calls
+
+
+def test_bf16_autocast_runs_and_agrees() -> None:
+    ct = np.zeros((4, 64, 64), dtype=np.float32)
+    ct[:, 30:45, 10:25] = 160.0
+    bundle = make_bundle(band_pass_unet(0.2, 0.9), constant_unet(10.0))
+    a = predict_volume(ct, bundle)
+    b = predict_volume(ct, bundle, bf16=True)
+    np.testing.assert_array_equal(a.kidney_tumor_mask, b.kidney_tumor_mask)
+    np.testing.assert_array_equal(a.tumor_mask, b.tumor_mask)
+
+
+def test_rejects_arrays_that_are_not_slice_stacks() -> None:
+    bundle = make_bundle(constant_unet(10.0), None)
+    with pytest.raises(InvalidImageError, match="slice stack"):
+        predict_volume(np.zeros((64, 64), dtype=np.float32), bundle)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_volume(np.zeros((1, 64, 64), dtype=np.float32), bundle, batch_size=0)
+
+
+def test_oracle_weights_survive_the_file_format(tmp_path: Path) -> None:
+    path = write_oracle_weights(tmp_path / "w.pt")
+    bundle = load_bundle(path)
+    ct = np.zeros((2, 64, 64), dtype=np.float32)
+    ct[:, 34:44, 10:20] = 170.0  # kidney
+    ct[:, 36:40, 12:16] = 75.0  # tumor inside it
+    pred = predict_volume(ct, bundle)
+    assert isinstance(pred, Prediction)
+    np.testing.assert_array_equal(pred.kidney_tumor_mask, ct > 0)
+    np.testing.assert_array_equal(pred.tumor_mask, ct == 75.0)
+
+
+# ---------------------------------------------------------------------------------------------- device
+
+
+def test_select_device() -> None:
+    from kitsseg.device import select_device
+    from kitsseg.errors import DeviceError
+
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="unknown device"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA"):
+            select_device("cuda")
+        with pytest.raises(DeviceError, match="no CUDA"):
+            select_device("cuda:1")
+
+
+def test_set_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kitsseg.device import available_cores, default_threads, set_threads
+    from kitsseg.errors import DeviceError
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert default_threads() == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert default_threads() == available_cores() >= 1
+        with pytest.raises(DeviceError, match="at least 1"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
