@@ -16,6 +16,12 @@ class KitssegError(Exception):
     exit_code = 1
 
 
+class InvalidOptionError(KitssegError, ValueError):
+    """An option value is out of range or inconsistent (bad bounds, unit, connectivity...)."""
+
+    exit_code = 2
+
+
 class InputNotFoundError(KitssegError, FileNotFoundError):
     """A path given by the user does not exist (or a folder holds no NIfTI files)."""
 

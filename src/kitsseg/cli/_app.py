@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:
+        # Usage errors from click (typer >= 0.29 bundles its own copy, so match by name, not by class).
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        if "Abort" in names:
             fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
-        if isinstance(exc, click.exceptions.ClickException):
+        if "ClickException" in names and hasattr(exc, "show"):
             exc.show(file=sys.stderr)
-            raise SystemExit(exc.exit_code) from None
+            raise SystemExit(getattr(exc, "exit_code", 2)) from None
         raise
     else:
         return

@@ -1,0 +1,555 @@
+"""Post-processing of the two U-Net masks: pure functions, arrays in and arrays out.
+
+The seed paper (section 2.2) cleans the raw network output in four steps: fill holes, keep the two largest
+kidney+tumor structures (false positives on slices without kidney are small and far away), drop tumor
+components whose shape falls outside the tumor shape model (ratio of the two largest eigenvalues between the
+5th and 95th percentile of the ground truth, 1.07 to 2.8) or that lie less than 95% inside the kidney+tumor
+mask, then merge both masks into labels 0/1/2. Each step is its own function with the shared keyword names
+``connectivity``, ``num_components`` and ``spacing``, so callers can switch steps on and off and compare.
+
+All arrays are 3D in the internal frame ``(z, row, col)``. A real CT is 600x512x512, where a full-volume
+``binary_fill_holes`` costs 17 s and a 3D labelling 5 s, while the masks occupy a few percent of it: every
+step therefore works on the bounding box of its mask (padded by one voxel so the outside stays connected),
+which gives the same result as the full volume at a fraction of the cost.
+
+The eigenvalue ratio is ``l1 / l2`` of the covariance of the voxel INDEX coordinates on the original grid,
+the definition that reproduces the paper's 1.07-2.8 on the KiTS19 labels (REFERENCE section 2); ``unit="mm"``
+scales the coordinates by the spacing first and needs bounds derived in the same unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import GridMismatchError, InvalidImageError
+
+Unit = Literal["voxel", "mm"]
+Spacing = Sequence[float]
+
+#: The paper's tumor shape bounds (voxel-index units, REFERENCE section 2).
+PAPER_EIG_BOUNDS = (1.07, 2.8)
+
+__all__ = [
+    "PAPER_EIG_BOUNDS",
+    "Component",
+    "PostprocessOptions",
+    "PostprocessResult",
+    "bounding_box",
+    "component_stats",
+    "eigenvalue_ratio",
+    "fill_holes",
+    "filter_tumors",
+    "keep_largest_components",
+    "kidney_side",
+    "max_axial_diameter",
+    "merge_labels",
+    "postprocess",
+]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One 3D connected component, described in the full frame so reports can point at it.
+
+    ``label`` is its number in a 3D labelling of the mask (raster order, 1-based); ``bbox`` holds
+    ``(start, stop)`` per axis and ``centroid`` the mean voxel index ``(z, row, col)``. Fields that need the
+    spacing or extra work are ``None`` when not computed. ``reason`` says why a removed component was removed
+    (empty for kept ones); ``kind`` is ``"kidney"`` (kidney+tumor mask) or ``"tumor"``.
+    """
+
+    label: int
+    voxels: int
+    bbox: tuple[tuple[int, int], ...]
+    centroid: tuple[float, ...]
+    kind: str = ""
+    volume_ml: float | None = None
+    eigenvalue_ratio: float | None = None
+    overlap: float | None = None
+    max_axial_diameter_mm: float | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite floats become ``None``, since JSON has no infinity)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                value = None
+            elif isinstance(value, tuple):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class PostprocessOptions:
+    """Which post-processing steps run, and their parameters (every step can be switched off).
+
+    With every step off, :func:`postprocess` returns the raw masks merged, so raw and post-processed output
+    can be compared on the same footing. ``eig_bounds`` must be in ``unit``; bounds for ``"mm"`` come from
+    ``kitsseg stats --unit mm``, not from the paper.
+    """
+
+    fill_holes: bool = True
+    keep_kidneys: bool = True
+    num_kidneys: int = 2
+    tumor_shape: bool = True
+    tumor_overlap: bool = True
+    eig_bounds: tuple[float, float] = PAPER_EIG_BOUNDS
+    min_overlap: float = 0.95
+    unit: Unit = "voxel"
+    min_tumor_voxels: int = 10
+    connectivity: int = 3
+
+    @classmethod
+    def none(cls) -> PostprocessOptions:
+        """Every step off: the output is the raw network masks merged to labels."""
+        return cls(fill_holes=False, keep_kidneys=False, tumor_shape=False, tumor_overlap=False)
+
+
+@dataclass
+class PostprocessResult:
+    """Merged labels (uint8 0/1/2, frame layout) plus what was removed and the tumors that remain."""
+
+    labels: np.ndarray
+    removed: list[Component] = field(default_factory=list)
+    tumors: list[Component] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (
+            f"PostprocessResult(shape={self.labels.shape}, removed={len(self.removed)}, "
+            f"tumors={len(self.tumors)})"
+        )
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
+    """A 3D bool view/copy of ``mask`` (nonzero is foreground); bool input is not copied."""
+    arr = np.asarray(mask)
+    if arr.ndim != 3:
+        raise InvalidImageError(
+            f"{name} must be a 3D array in the (z, row, col) frame, got {arr.ndim}D with shape {arr.shape}"
+        )
+    return arr if arr.dtype == np.bool_ else arr != 0
+
+
+def _check_spacing(spacing: Spacing | None, ndim: int = 3) -> tuple[float, ...] | None:
+    if spacing is None:
+        return None
+    sp = tuple(float(s) for s in spacing)
+    if len(sp) != ndim or not all(math.isfinite(s) and s > 0 for s in sp):
+        raise ValueError(f"spacing must be {ndim} positive numbers in mm (z, row, col), got {spacing!r}")
+    return sp
+
+
+def _same_grid(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise GridMismatchError(
+            f"the two masks must share one voxel grid, got shapes {a.shape} and {b.shape}; "
+            "pass the kidney+tumor and tumor masks of the same volume"
+        )
+
+
+def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every nonzero voxel, grown by ``pad`` and clipped to the array.
+
+    ``None`` for an empty mask. Cheaper than ``np.argwhere`` on a full CT: one ``any`` per axis pair.
+    """
+    arr = np.asarray(mask)
+    slices = []
+    for axis in range(arr.ndim):
+        others = tuple(a for a in range(arr.ndim) if a != axis)
+        hit = np.flatnonzero(np.any(arr, axis=others) if others else arr)
+        if hit.size == 0:
+            return None
+        slices.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, arr.shape[axis])))
+    return tuple(slices)
+
+
+def _structure(connectivity: int, ndim: int = 3) -> np.ndarray:
+    if not 1 <= connectivity <= ndim:
+        raise ValueError(f"connectivity must be 1..{ndim} (3 = 26-connectivity in 3D), got {connectivity}")
+    return ndimage.generate_binary_structure(ndim, connectivity)
+
+
+def _label(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    labels, n = ndimage.label(mask, structure=_structure(connectivity, mask.ndim))
+    return labels, int(n)
+
+
+def _volume_ml(voxels: int, spacing: tuple[float, ...] | None) -> float | None:
+    return None if spacing is None else voxels * float(np.prod(spacing)) / 1000.0
+
+
+def _describe(
+    labels: np.ndarray,
+    index: int,
+    box: tuple[slice, ...],
+    offset: tuple[int, ...],
+    spacing: tuple[float, ...] | None,
+    *,
+    kind: str,
+) -> tuple[Component, np.ndarray, np.ndarray]:
+    """Component ``index`` of a labelled crop: its description plus its local mask and coordinates."""
+    local = labels[box] == index
+    coords = np.nonzero(local)
+    starts = tuple(o + s.start for o, s in zip(offset, box, strict=True))
+    centroid = tuple(float(c.mean()) + st for c, st in zip(coords, starts, strict=True))
+    bbox = tuple((st, st + s.stop - s.start) for st, s in zip(starts, box, strict=True))
+    voxels = int(coords[0].size)
+    comp = Component(
+        label=index,
+        voxels=voxels,
+        bbox=bbox,
+        centroid=centroid,
+        kind=kind,
+        volume_ml=_volume_ml(voxels, spacing),
+    )
+    return comp, local, np.stack(coords, axis=1)
+
+
+# --------------------------------------------------------------------------------------------- steps
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill 3D cavities (background not connected to the outside through 6-connected background).
+
+    3D rather than per-slice filling: the ground truth itself gains only 0.14% volume from 3D filling but
+    0.84% (up to 4.4%) from 2D filling, which would paint over real concavities (REFERENCE section 2). Equal
+    to ``scipy.ndimage.binary_fill_holes`` on the whole volume, computed on the padded bounding box by
+    labelling the background once instead of iterated dilation.
+    """
+    m = _as_mask(mask)
+    out = np.zeros(m.shape, dtype=bool)  # calloc: untouched pages outside the box cost nothing
+    box = bounding_box(m, pad=1)
+    if box is None:
+        return out
+    crop = m[box]
+    labels, n = ndimage.label(~crop)  # 6-connectivity, as binary_fill_holes' default structure
+    outside = np.zeros(n + 1, dtype=bool)
+    for axis in range(labels.ndim):
+        for end in (0, -1):
+            outside[np.take(labels, end, axis=axis)] = True
+    outside[0] = True  # label 0 is the mask itself
+    out[box] = crop | ~outside[labels]
+    return out
+
+
+def keep_largest_components(
+    mask: np.ndarray,
+    num_components: int = 2,
+    connectivity: int = 3,
+    *,
+    spacing: Spacing | None = None,
+    kind: str = "kidney",
+) -> tuple[np.ndarray, list[Component]]:
+    """Keep the ``num_components`` largest connected components (by voxel count), drop the rest.
+
+    The kidney model's false positives on slices without kidney are small and separate; in all 210 KiTS19
+    labels the two largest kidney+tumor components hold at least 99.8% of the voxels, so "keep the two
+    largest" is safe (REFERENCE section 2). Ties are broken by label order so the result is deterministic.
+    Returns the cleaned mask and the removed components (with their reason).
+    """
+    if num_components < 0:
+        raise ValueError(f"num_components must be >= 0, got {num_components}")
+    m = _as_mask(mask)
+    sp = _check_spacing(spacing, m.ndim)
+    box = bounding_box(m)
+    if box is None:
+        return np.zeros(m.shape, dtype=bool), []
+    labels, n = _label(m[box], connectivity)
+    if n <= num_components:
+        return m.copy(), []
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    order = np.argsort(-sizes, kind="stable")  # label order among equal sizes
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[order[:num_components] + 1] = True
+    out = np.zeros(m.shape, dtype=bool)
+    out[box] = keep[labels]
+    removed = []
+    boxes = ndimage.find_objects(labels)
+    offset = tuple(s.start for s in box)
+    smallest_kept = int(sizes[order[num_components - 1]]) if num_components else 0
+    for idx in order[num_components:]:
+        comp, _, _ = _describe(labels, int(idx) + 1, boxes[idx], offset, sp, kind=kind)
+        reason = (
+            f"not among the {num_components} largest {kind} components "
+            f"({comp.voxels} voxels; the smallest kept has {smallest_kept})"
+        )
+        removed.append(dataclasses.replace(comp, reason=reason))
+    return out, removed
+
+
+def eigenvalue_ratio(
+    mask_or_coords: np.ndarray,
+    *,
+    unit: Unit = "voxel",
+    spacing: Spacing | None = None,
+) -> float:
+    """Largest over second-largest eigenvalue of the covariance of a component's voxel coordinates.
+
+    ``mask_or_coords`` is either a bool mask of one component (any grid, cropping does not change the
+    ratio) or an ``(N, ndim)`` array of voxel indices. ``unit="voxel"`` uses the index coordinates on the
+    original grid, which reproduces the paper's 1.07-2.8 (REFERENCE section 2); ``unit="mm"`` scales them by
+    ``spacing`` first. Eigenvalues, not their square roots: an ellipsoid with semi-axes a > b > c gives
+    ``(a / b) ** 2``. A component with ``l2 == 0`` (all voxels on one line, or a single voxel) has no
+    second direction and returns ``inf``, so any shape bound rejects it.
+    """
+    if unit not in ("voxel", "mm"):
+        raise ValueError(f"unit must be 'voxel' or 'mm', got {unit!r}")
+    arr = np.asarray(mask_or_coords)
+    if arr.dtype == np.bool_ or arr.ndim != 2:
+        coords = np.argwhere(arr)
+    else:
+        coords = arr
+    coords = coords.astype(np.float64, copy=False)
+    if unit == "mm":
+        sp = _check_spacing(spacing, coords.shape[1])
+        if sp is None:
+            raise ValueError("unit='mm' needs the voxel spacing (z, row, col) in mm; pass spacing=...")
+        coords = coords * np.asarray(sp)
+    if coords.shape[0] < 2:
+        return math.inf
+    centred = coords - coords.mean(axis=0)
+    cov = centred.T @ centred / (coords.shape[0] - 1)
+    eig = np.sort(np.linalg.eigvalsh(cov))[::-1]
+    l1, l2 = float(eig[0]), float(eig[1])
+    if l2 <= 1e-12 * max(l1, 1e-300):
+        return math.inf
+    return l1 / l2
+
+
+def filter_tumors(
+    tumor: np.ndarray,
+    kidney_tumor: np.ndarray,
+    *,
+    eig_bounds: tuple[float, float] | None = PAPER_EIG_BOUNDS,
+    min_overlap: float | None = 0.95,
+    connectivity: int = 3,
+    min_voxels: int = 10,
+    unit: Unit = "voxel",
+    spacing: Spacing | None = None,
+) -> tuple[np.ndarray, list[Component], list[Component]]:
+    """Keep 3D tumor components that look like kidney tumors and lie inside the kidney+tumor mask.
+
+    A component is removed if it has fewer than ``min_voxels`` voxels (a speck: its eigenvalues mean
+    nothing), if its eigenvalue ratio lies outside ``eig_bounds`` (inclusive; the tumor shape model), or if
+    less than ``min_overlap`` of its voxels lie inside ``kidney_tumor`` (the first model segments kidney
+    and tumor together, so a real tumor lies inside it; 95% rather than 100% because the tumor model's
+    boundary can be the better one). ``eig_bounds=None`` or ``min_overlap=None`` switches that test off.
+    Returns the filtered mask, the kept and the removed components, each with its measures and reason;
+    kept components also carry their largest axial diameter when ``spacing`` is given.
+    """
+    t = _as_mask(tumor, "tumor")
+    kt = _as_mask(kidney_tumor, "kidney_tumor")
+    _same_grid(t, kt)
+    if eig_bounds is not None and not eig_bounds[0] <= eig_bounds[1]:
+        raise ValueError(f"eig_bounds must be (low, high) with low <= high, got {eig_bounds!r}")
+    sp = _check_spacing(spacing, t.ndim)
+    if unit == "mm" and eig_bounds is not None and sp is None:
+        raise ValueError("unit='mm' needs the voxel spacing (z, row, col) in mm; pass spacing=...")
+    box = bounding_box(t)
+    if box is None:
+        return np.zeros(t.shape, dtype=bool), [], []
+    labels, n = _label(t[box], connectivity)
+    kt_crop = kt[box]
+    offset = tuple(s.start for s in box)
+    keep = np.zeros(n + 1, dtype=bool)
+    kept: list[Component] = []
+    removed: list[Component] = []
+    for idx, sub in enumerate(ndimage.find_objects(labels), start=1):
+        comp, local, coords = _describe(labels, idx, sub, offset, sp, kind="tumor")
+        overlap = float(kt_crop[sub][local].mean())
+        measurable = comp.voxels >= min_voxels and (unit == "voxel" or sp is not None)
+        ratio = eigenvalue_ratio(coords, unit=unit, spacing=sp) if measurable else None
+        comp = dataclasses.replace(comp, overlap=overlap, eigenvalue_ratio=ratio)
+        reason = ""
+        if comp.voxels < min_voxels:
+            reason = f"speck of {comp.voxels} voxels (under {min_voxels})"
+        elif eig_bounds is not None and not eig_bounds[0] <= ratio <= eig_bounds[1]:
+            reason = f"eigenvalue ratio {ratio:.2f} outside [{eig_bounds[0]:g}, {eig_bounds[1]:g}] ({unit})"
+        elif min_overlap is not None and overlap < min_overlap:
+            reason = f"only {overlap:.0%} inside kidney+tumor mask (needs {min_overlap:.0%})"
+        if reason:
+            removed.append(dataclasses.replace(comp, reason=reason))
+        else:
+            keep[idx] = True
+            if sp is not None:  # only kept tumors are measured: they are few and go into reports
+                comp = dataclasses.replace(comp, max_axial_diameter_mm=max_axial_diameter(local, sp))
+            kept.append(comp)
+    out = np.zeros(t.shape, dtype=bool)
+    out[box] = keep[labels]
+    return out, kept, removed
+
+
+def merge_labels(kidney_tumor: np.ndarray, tumor: np.ndarray) -> np.ndarray:
+    """Labels 0 background, 1 kidney, 2 tumor (KiTS19 convention) as uint8.
+
+    Tumor wins over kidney. A tumor voxel outside the kidney+tumor mask is still labelled 2: it survived the
+    overlap filter (or the filter is off), so it is the tumor model's call.
+    """
+    kt = _as_mask(kidney_tumor, "kidney_tumor")
+    t = _as_mask(tumor, "tumor")
+    _same_grid(kt, t)
+    out = kt.astype(np.uint8)
+    np.copyto(out, np.uint8(2), where=t)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- morphometry
+
+
+def max_axial_diameter(mask: np.ndarray, spacing: Spacing) -> float:
+    """Largest in-plane (Feret) diameter in mm over the axial slices of ``mask`` (the RECIST-style size).
+
+    Each pixel contributes the midpoints of its four edges, scaled by the row and column spacing (which may
+    differ), so a run of n pixels measures n pixels, like marching squares. Slices are visited by the
+    diagonal of their 2D bounding box, an upper bound of their diameter, and the search stops once no
+    remaining slice can beat the best found: exact, but only a few convex hulls per component.
+    """
+    m = _as_mask(mask)
+    sp = _check_spacing(spacing, 3)
+    box = bounding_box(m)
+    if box is None or sp is None:
+        return 0.0
+    crop = m[box]
+    rs, cs = sp[1], sp[2]
+    bounds = []
+    for z in range(crop.shape[0]):
+        sub = bounding_box(crop[z])
+        if sub is None:
+            continue
+        h = (sub[0].stop - sub[0].start) * rs
+        w = (sub[1].stop - sub[1].start) * cs
+        bounds.append((math.hypot(h, w), z))
+    bounds.sort(reverse=True)
+    best = 0.0
+    for upper, z in bounds:
+        if upper <= best:
+            break
+        best = max(best, _slice_feret(crop[z], rs, cs))
+    return best
+
+
+def _slice_feret(slice_mask: np.ndarray, rs: float, cs: float) -> float:
+    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial.distance import pdist
+
+    # Only boundary pixels can carry hull points.
+    edge = slice_mask & ~ndimage.binary_erosion(slice_mask, border_value=0)
+    r, c = np.nonzero(edge)
+    r = r.astype(np.float64)
+    c = c.astype(np.float64)
+    pts = np.concatenate(
+        [
+            np.stack([(r - 0.5) * rs, c * cs], axis=1),
+            np.stack([(r + 0.5) * rs, c * cs], axis=1),
+            np.stack([r * rs, (c - 0.5) * cs], axis=1),
+            np.stack([r * rs, (c + 0.5) * cs], axis=1),
+        ]
+    )
+    if pts.shape[0] > 64:
+        try:
+            pts = pts[ConvexHull(pts).vertices]
+        except QhullError:  # collinear points: fall through to the exact pairwise search
+            pts = np.unique(pts, axis=0)
+    return float(pdist(pts).max()) if pts.shape[0] > 1 else 0.0
+
+
+def component_stats(
+    mask: np.ndarray,
+    spacing: Spacing,
+    *,
+    connectivity: int = 3,
+    unit: Unit = "voxel",
+    kind: str = "",
+) -> list[Component]:
+    """Describe every connected component of ``mask``: voxels, volume (mL), centroid, bbox, eigenvalue
+    ratio (in ``unit``) and largest axial diameter (mm), largest component first.
+
+    For reports (kidney volumes per side, tumor morphometry); works on the mask's bounding box.
+    """
+    m = _as_mask(mask)
+    sp = _check_spacing(spacing, m.ndim)
+    box = bounding_box(m)
+    if box is None:
+        return []
+    labels, _ = _label(m[box], connectivity)
+    offset = tuple(s.start for s in box)
+    out = []
+    for idx, sub in enumerate(ndimage.find_objects(labels), start=1):
+        comp, local, coords = _describe(labels, idx, sub, offset, sp, kind=kind)
+        out.append(
+            dataclasses.replace(
+                comp,
+                eigenvalue_ratio=eigenvalue_ratio(coords, unit=unit, spacing=sp),
+                max_axial_diameter_mm=max_axial_diameter(local, sp) if sp is not None else None,
+            )
+        )
+    out.sort(key=lambda c: (-c.voxels, c.label))
+    return out
+
+
+def kidney_side(component_centroid_col: float, n_cols: int) -> str:
+    """``"right"`` or ``"left"`` (the patient's side) from a centroid column in the frame.
+
+    Frame columns run from the patient's right to left (radiological view), so the image's left half,
+    columns below ``n_cols / 2``, is the patient's RIGHT.
+    """
+    return "right" if component_centroid_col < n_cols / 2 else "left"
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+def postprocess(
+    kidney_tumor_mask: np.ndarray,
+    tumor_mask: np.ndarray,
+    options: PostprocessOptions | None = None,
+    spacing: Spacing | None = None,
+) -> PostprocessResult:
+    """Run the paper's post-processing on the two network masks and merge them to labels.
+
+    Order: fill holes in both masks; keep the ``num_kidneys`` largest kidney+tumor components; filter tumor
+    components by shape and by overlap with the CLEANED kidney+tumor mask; merge (tumor wins). Inputs are not
+    modified. ``tumors`` lists the tumor components that remain (with volume and largest axial diameter
+    when ``spacing`` is given); ``removed`` lists everything dropped, each with its reason.
+    """
+    opts = options or PostprocessOptions()
+    kt = _as_mask(kidney_tumor_mask, "kidney_tumor_mask")
+    t = _as_mask(tumor_mask, "tumor_mask")
+    _same_grid(kt, t)
+    sp = _check_spacing(spacing, 3)
+    removed: list[Component] = []
+    if opts.fill_holes:
+        kt = fill_holes(kt)
+        t = fill_holes(t)
+    if opts.keep_kidneys:
+        kt, dropped = keep_largest_components(
+            kt, num_components=opts.num_kidneys, connectivity=opts.connectivity, spacing=sp
+        )
+        removed.extend(dropped)
+    filtering = opts.tumor_shape or opts.tumor_overlap
+    t_out, tumors, dropped = filter_tumors(
+        t,
+        kt,
+        eig_bounds=opts.eig_bounds if opts.tumor_shape else None,
+        min_overlap=opts.min_overlap if opts.tumor_overlap else None,
+        connectivity=opts.connectivity,
+        min_voxels=opts.min_tumor_voxels if filtering else 0,
+        unit=opts.unit,
+        spacing=sp,
+    )
+    if filtering:
+        t = t_out
+        removed.extend(dropped)
+    return PostprocessResult(labels=merge_labels(kt, t), removed=removed, tumors=tumors)
