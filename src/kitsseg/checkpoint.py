@@ -95,6 +95,9 @@ def save_bundle(
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a shared weights file should be readable
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
