@@ -5,6 +5,10 @@ fails its checksum, no CUDA) is raised as a subclass of :class:`KitssegError`. T
 into one red line and the subclass's ``exit_code``; anything else is a bug and is allowed to show a
 traceback. Each subclass also inherits the matching built-in exception so library users can catch
 ``ValueError`` or ``FileNotFoundError`` as they would expect.
+
+Problems that do not stop the work (values that do not look like HU, oblique axes) are warnings of the
+:class:`KitssegWarning` family instead; the CLI shows each as one yellow line and goes on. Every message and
+exit code is listed in ``docs/errors.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,14 @@ class KitssegError(Exception):
     """Base class: a problem the user can fix; the message says what is wrong and what to do."""
 
     exit_code = 1
+
+
+class KitssegWarning(UserWarning):
+    """Base class of the project's warnings: the result is written, but the user should look at the input.
+
+    A subclass of ``UserWarning`` so the usual filters apply (``-W error::UserWarning`` makes them fatal
+    in a library user's test suite); the CLI prints each one as a single ``warning:`` line on stderr.
+    """
 
 
 class InvalidOptionError(KitssegError, ValueError):

@@ -128,6 +128,12 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _check_writable(folder: Path, what: str) -> None:
     """Create ``folder`` if needed and make sure files can be created in it (before any work)."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # mkdir would only say "File exists" or "Not a directory": name the culprit
+        raise OutputError(
+            f"cannot create the {what} folder {folder}: {blocker} is a file, not a folder; "
+            "choose another output path"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -211,6 +217,7 @@ def segment(
     preview_path: str | os.PathLike[str] | None = None,
     bf16: bool = False,
     progress: ProgressFn | None = None,
+    volume_index: int | None = None,
 ) -> SegmentationResult:
     """Segment one CT NIfTI: write the labelled mask (0/1/2, the input's layout and header) and a JSON report.
 
@@ -235,6 +242,8 @@ def segment(
         Optional PNG montage of the slices with the most kidney and tumor.
     bf16:
         bfloat16 autocast for the networks (faster on recent CPUs and GPUs).
+    volume_index:
+        Which volume of a 4D file to segment, counting from 0 (a 4D file without it is refused).
     """
     src = Path(input_path)
     out = default_output(src) if output_path is None else Path(output_path)
@@ -262,6 +271,7 @@ def segment(
         preview_path=prev,
         bf16=bf16,
         progress=progress,
+        volume_index=volume_index,
     )
 
 
@@ -300,6 +310,7 @@ def _segment_case(
     bf16: bool,
     progress: ProgressFn | None,
     keep_labels: bool = True,
+    volume_index: int | None = None,
 ) -> SegmentationResult:
     from .metrics import EMPTY_MASK_RULE, dice, region_mask
     from .postprocess import postprocess
@@ -312,7 +323,7 @@ def _segment_case(
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        volume = load_ct(src)
+        volume = load_ct(src, volume_index=volume_index)
     load_warnings = [str(w.message) for w in caught]
     for w in caught:  # pass them on to the caller, and keep them in the report
         warnings.warn(w.message, w.category, stacklevel=3)
@@ -342,50 +353,62 @@ def _segment_case(
     timings["postprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    save_labels(labels, volume, out)
-    if preview_path is not None:
-        from .preview import write_preview
+    written: list[Path] = []
+    try:
+        save_labels(labels, volume, out)
+        written.append(out)
+        if preview_path is not None:
+            from .preview import write_preview
 
-        write_preview(volume.data, labels, preview_path)
-    timings["write"] = time.perf_counter() - t0
+            write_preview(volume.data, labels, preview_path)
+            written.append(preview_path)
+        timings["write"] = time.perf_counter() - t0
 
-    ref_info = None
-    if ref_labels is not None:
-        ref_info = {
-            "path": str(reference),
-            "dice_kidney_tumor": dice(
-                region_mask(labels, "kidney_tumor"), region_mask(ref_labels, "kidney_tumor")
-            ),
-            "dice_tumor": dice(region_mask(labels, "tumor"), region_mask(ref_labels, "tumor")),
-            "empty_mask_rule": EMPTY_MASK_RULE,
-            "same_grid": ref_same_grid,
-        }
-        if not ref_same_grid:
-            pred.notes.append(
-                "the reference has the CT's shape but a different position or spacing in its header; "
-                "Dice compares voxels as stored, check that it belongs to this CT"
-            )
-    report = build_report(
-        input_path=src,
-        output_path=out,
-        shape=volume.data.shape,
-        spacing=volume.spacing,
-        weights={k: v for k, v in model.info.items() if k != "device_name"},
-        device=model.info.get("device_name", str(model.device)),
-        timings=timings,
-        labels=labels,
-        prediction=pred,
-        post=post,
-        options=opts,
-        reference=ref_info,
-        extra={
-            "bf16": bool(bf16),
-            "batch_size": int(batch_size),
-            "preview": str(preview_path) if preview_path else None,
-            "warnings": load_warnings,
-        },
-    )
-    write_json(report, rep)
+        ref_info = None
+        if ref_labels is not None:
+            ref_info = {
+                "path": str(reference),
+                "dice_kidney_tumor": dice(
+                    region_mask(labels, "kidney_tumor"), region_mask(ref_labels, "kidney_tumor")
+                ),
+                "dice_tumor": dice(region_mask(labels, "tumor"), region_mask(ref_labels, "tumor")),
+                "empty_mask_rule": EMPTY_MASK_RULE,
+                "same_grid": ref_same_grid,
+            }
+            if not ref_same_grid:
+                pred.notes.append(
+                    "the reference has the CT's shape but a different position or spacing in its header; "
+                    "Dice compares voxels as stored, check that it belongs to this CT"
+                )
+        report = build_report(
+            input_path=src,
+            output_path=out,
+            shape=volume.data.shape,
+            spacing=volume.spacing,
+            weights={k: v for k, v in model.info.items() if k != "device_name"},
+            device=model.info.get("device_name", str(model.device)),
+            timings=timings,
+            labels=labels,
+            prediction=pred,
+            post=post,
+            options=opts,
+            reference=ref_info,
+            extra={
+                "bf16": bool(bf16),
+                "batch_size": int(batch_size),
+                "preview": str(preview_path) if preview_path else None,
+                "warnings": load_warnings,
+                "volume_index": volume_index,
+            },
+        )
+        write_json(report, rep)
+    except BaseException:
+        # A mask without its report (disk full, Ctrl-C between the two) is half a result: remove what this
+        # call wrote, so no half-finished case is left behind and --continue segments it again.
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
     return SegmentationResult(src, out, rep, preview_path, report, labels if keep_labels else None)
 
 

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InputNotFoundError, InvalidImageError, KitssegError, OutputError, ResourceError
+from .errors import (
+    InputNotFoundError,
+    InvalidImageError,
+    KitssegError,
+    KitssegWarning,
+    OutputError,
+    ResourceError,
+)
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -47,7 +54,7 @@ _COPY_TILE = (64, 32)
 _MAX_LABEL = 255
 
 
-class VolumeWarning(UserWarning):
+class VolumeWarning(KitssegWarning):
     """A volume was loaded but something about it looks wrong (oblique axes, values that are not HU)."""
 
 

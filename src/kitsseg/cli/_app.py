@@ -1,9 +1,17 @@
-"""The Typer application object, the error handler and the ``main`` entry point."""
+"""The Typer application object, the error handler and the ``main`` entry point.
+
+What a user sees on stderr when something is wrong is decided here, once for every command: one red
+``error:`` line and the exit code of the error's class (``docs/errors.md``), one yellow ``warning:`` line
+per warning (no file name, no source line), and for a mistyped command line one red line that names the
+option and where to find help. Only a bug (an exception outside :class:`KitssegError`) shows a traceback.
+"""
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import Annotated
+import warnings
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -39,16 +47,50 @@ def _root(
     """Kidney and kidney-tumor segmentation in abdominal CT."""
 
 
+def one_line(message: object) -> str:
+    """``message`` as a single line of plain text: line breaks folded, rich markup characters escaped."""
+    from rich.markup import escape
+
+    return escape(re.sub(r"\s*\n\s*", " ", str(message)).strip())
+
+
 def fail(message: str, code: int) -> None:
     """Print one red error line on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for the CLI: one yellow line, without the file, line number or source."""
+    err_console.print(f"[yellow]warning:[/] {one_line(message)}", highlight=False, soft_wrap=True)
+
+
+def _usage_error(exc: Any) -> None:
+    """A command line click could not parse: one red line naming the problem and the help command."""
+    ctx = getattr(exc, "ctx", None)
+    message = str(exc.format_message())
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        message += f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
+    fail(message, int(getattr(exc, "exit_code", 2)))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the project's own errors become one line and an exit code, never a traceback."""
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        _run(argv)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except KitssegError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -60,9 +102,15 @@ def main(argv: list[str] | None = None) -> None:
         names = {cls.__name__ for cls in type(exc).__mro__}
         if "Abort" in names:
             fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
-        if "ClickException" in names and hasattr(exc, "show"):
+        if "NoArgsIsHelpError" in names and hasattr(exc, "show"):  # bare `kitsseg weights`: the help
             exc.show(file=sys.stderr)
             raise SystemExit(getattr(exc, "exit_code", 2)) from None
+        if "ClickException" in names and hasattr(exc, "format_message"):
+            _usage_error(exc)
         raise
-    else:
-        return
+    # Without standalone mode typer *returns* the code of a ``typer.Exit``, and it turns Ctrl-C inside a
+    # command into ``Exit(130)``; ignoring the return value would end an interrupted run with status 0.
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if code == EXIT_INTERRUPTED:
+            fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
+        raise SystemExit(code)

@@ -122,6 +122,10 @@ def segment_command(
         Path | None,
         typer.Option(help="Ground-truth labels of the same CT: adds Dice to the report (file mode)."),
     ] = None,
+    volume_index: Annotated[
+        int | None,
+        typer.Option(min=0, help="Which volume of a 4D INPUT to segment, from 0 (file mode)."),
+    ] = None,
     report: Annotated[
         Path | None, typer.Option(help="JSON report path (file mode; default: beside the mask, mask.json).")
     ] = None,
@@ -168,6 +172,11 @@ def segment_command(
     common = dict(batch_size=batch_size, postprocess=options, eig_bounds=bounds, bf16=bf16)
     with _warnings_as_lines():
         if input_path.is_dir():
+            if volume_index is not None:
+                raise KitssegError(
+                    "--volume-index works on a single 4D file; segment 4D files one by one, "
+                    "or split them into 3D files first"
+                )
             for flag, value in (("--reference", reference), ("--report", report)):
                 if value is not None:
                     raise KitssegError(
@@ -183,7 +192,16 @@ def segment_command(
                     "--num-parts and --part-id split a folder of cases; INPUT is a single file"
                 )
             _segment_file(
-                input_path, output, weights, device, threads, reference, report, preview, continue_, common
+                input_path,
+                output,
+                weights,
+                device,
+                threads,
+                reference,
+                report,
+                preview,
+                continue_,
+                {**common, "volume_index": volume_index},
             )
 
 
