@@ -91,22 +91,97 @@ def band_rows(kt_mask_rows: torch.Tensor, jitter: int, gen) -> int:
     return int(max(0, min(HALF - HALF // 2, round(centre - HALF // 4) + j)))
 
 
-def batch_for(stage, idx, img, kt, tu, gen, train):
+def random_crop(x, y, focus, crop, gen, *, rows=True):
+    """Crop ``crop``-wide windows (and ``crop``-high ones if ``rows``), centred near a random ``focus``
+    pixel 80% of the time (else anywhere): training on crops costs a fraction of whole slices on a CPU,
+    and the network is fully convolutional, so inference still runs on whole slices."""
+    n, _, h, w = x.shape
+    ch = crop if rows else h
+    xs, ys = [], []
+    for i in range(n):
+        pts = torch.nonzero(focus[i, 0])
+        if len(pts) and torch.rand(1, generator=gen).item() < 0.8:
+            r, c = pts[torch.randint(len(pts), (1,), generator=gen)].flatten().tolist()
+            r += int(torch.randint(-ch // 3, ch // 3 + 1, (1,), generator=gen))
+            c += int(torch.randint(-crop // 3, crop // 3 + 1, (1,), generator=gen))
+        else:
+            r, c = int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen))
+        r0 = max(0, min(h - ch, r - ch // 2))
+        c0 = max(0, min(w - crop, c - crop // 2))
+        xs.append(x[i : i + 1, :, r0 : r0 + ch, c0 : c0 + crop])
+        ys.append(y[i : i + 1, :, r0 : r0 + ch, c0 : c0 + crop])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def paste_tumors(x, y, k, donors, img, tu, gen, prob):
+    """2D TumorCP: paste a real tumor (pixels and mask) from a donor training slice into the kidney of a
+    slice without tumor, so the tumor model sees more tumors in more kidneys (copy-paste augmentation,
+    Yang et al., MICCAI 2021). Donors are training slices only."""
+    for i in range(len(x)):
+        if y[i].any() or not k[i].any() or torch.rand(1, generator=gen).item() >= prob:
+            continue
+        d = donors[torch.randint(len(donors), (1,), generator=gen)].item()
+        m = tu[d, 0].bool()
+        rows, cols = torch.nonzero(m, as_tuple=True)
+        r0, r1, c0, c1 = rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1
+        pm, px = m[r0:r1, c0:c1], img[d, 0, r0:r1, c0:c1].float()
+        kp = torch.nonzero(k[i, 0])
+        r, c = kp[torch.randint(len(kp), (1,), generator=gen)].flatten().tolist()
+        h, w = pm.shape
+        tr = max(0, min(HALF - h, r - h // 2))
+        tc = max(0, min(HALF - w, c - w // 2))
+        region_x = x[i, 0, tr : tr + h, tc : tc + w]
+        region_x[pm] = px[pm]
+        y[i, 0, tr : tr + h, tc : tc + w][pm] = 1.0
+        k[i, 0, tr : tr + h, tc : tc + w][pm] = 1.0
+    return x, y, k
+
+
+def deenhance(x, m, gen, prob):
+    """Simulate a non-contrast scan: pull kidney (+tumor) pixels towards unenhanced soft tissue (25-45 HU).
+
+    Every training slice is contrast-enhanced, so without this the kidney model learns "bright organ" and
+    misses kidneys in non-contrast CT (seen on the shipped example CT). Edges are softened by blurring the
+    mask so no artificial outline is left to learn from."""
+    soft = F.avg_pool2d(m, 5, stride=1, padding=2)
+    for i in range(len(x)):
+        if not m[i].any() or torch.rand(1, generator=gen).item() >= prob:
+            continue
+        a = torch.rand(1, generator=gen).item() * 0.4
+        level = (25 + torch.rand(1, generator=gen).item() * 20) / 255.0
+        noise = torch.randn(x[i].shape, generator=gen) * 0.015
+        target = a * x[i] + (1 - a) * level + noise
+        x[i] = x[i] * (1 - soft[i]) + target * soft[i]
+    return x
+
+
+def batch_for(stage, idx, img, kt, tu, gen, train, crop=0, donors=None, paste=0.0, deenh=0.0):
     x = img[idx].float()
     if stage == "kidney":
         y = kt[idx].float()
+        if train and deenh > 0:
+            x = deenhance(x, y, gen, deenh)
         if train:
             x, (y,) = augment(x, [y], gen)
+            if crop:
+                x, y = random_crop(x, y, y, crop, gen)
         return x, y
     y, k = tu[idx].float(), kt[idx].float()
+    if train and paste > 0 and donors is not None and len(donors):
+        x, y, k = paste_tumors(x, y, k, donors, img, tu, gen, paste)
     if train:
         x, (y, k) = augment(x, [y, k], gen)
-    xs, ys = [], []
+    xs, ys, ks = [], [], []
     for i in range(len(idx)):
         r0 = band_rows(k[i, 0].amax(1) > 0, 12 if train else 0, gen)
         xs.append(x[i : i + 1, :, r0 : r0 + HALF // 2])
         ys.append(y[i : i + 1, :, r0 : r0 + HALF // 2])
-    return torch.cat(xs), torch.cat(ys)
+        ks.append(torch.maximum(k, y)[i : i + 1, :, r0 : r0 + HALF // 2])
+    x, y, k = torch.cat(xs), torch.cat(ys), torch.cat(ks)
+    if train and crop:
+        focus = torch.where(y.flatten(1).amax(1).view(-1, 1, 1, 1) > 0, y, k)
+        x, y = random_crop(x, y, focus, crop, gen, rows=False)
+    return x, y
 
 
 def evaluate(model, stage, idx, img, kt, tu, gen, threshold=0.5):
@@ -174,7 +249,7 @@ def train_stage(args):
         for s in range(int(steps)):
             pi = perm[(s * k) % len(perm):][:k]
             ni = tr_neg[torch.randint(len(tr_neg), (n_neg,), generator=gen)]
-            x, y = batch_for(args.stage, torch.cat([pi, ni]), img, kt, tu, gen, True)
+            x, y = batch_for(args.stage, torch.cat([pi, ni]), img, kt, tu, gen, True, args.crop, tr_pos, args.paste, args.deenhance)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 logits = model(x)
@@ -236,9 +311,12 @@ def main():
     ap.add_argument("--minutes", type=float, default=40)
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=128, help="train on crops this wide (0: whole inputs)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--tumor-neg", type=float, default=0.5, help="fraction of each tumor batch that is kidney-without-tumor")
+    ap.add_argument("--paste", type=float, default=0.5, help="tumor stage: probability of pasting a real tumor into a negative slice")
+    ap.add_argument("--deenhance", type=float, default=0.25, help="kidney stage: probability of simulating a non-contrast kidney")
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)

@@ -12,12 +12,21 @@ rows spanned by the kidney model's output (REFERENCE section 2: the paper's fixe
 kidney tissue; every KiTS19 case spans at most 0.42 of the height, so a per-case half-height band always
 fits), and the tumor model runs only on slices where the kidney mask is non-empty (about a third of the
 slices, so the tumor stage costs about three times less than running it everywhere).
+
+Speed (measured in ``benchmarks/README.md`` against the compute floor of REFERENCE section 5): the networks
+run under ``torch.inference_mode`` in channels-last layout with BatchNorm folded into the convolutions
+(:func:`kitsseg.fuse.fuse_conv_bn`), on batches of slices; windowing, resizing and thresholding measured
+at about 1% of the light model's convolutions, so they are left simple. bfloat16 autocast is a switch,
+off by default: on CPUs with native bf16 (AVX-512 BF16 or AMX, see :func:`native_bf16`) it runs the
+networks about twice as fast, and whether it becomes the default depends on Dice on real slices.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -26,6 +35,7 @@ import torch
 
 from .checkpoint import StageModel, WeightsBundle
 from .errors import InvalidImageError
+from .fuse import fuse_conv_bn
 from .preprocess import BAND_FRACTION, band_height, band_start, resize, window
 
 #: ``progress(stage, done, total)``: ``stage`` is ``"kidney"`` or ``"tumor"``, counts are slices.
@@ -50,6 +60,11 @@ class Prediction:
         Seconds per stage: ``"kidney"`` (windowing, resizing and the kidney model) and ``"tumor"``.
     notes:
         Human-readable remarks (no tumor model in the weights, no kidney found...), copied into the report.
+    detail_timings:
+        A finer split of ``timings`` for benchmarks: ``"kidney_net"`` and ``"tumor_net"`` (seconds inside
+        the networks' forward passes only), ``"prepare"`` (folding BatchNorm into a copy of each model,
+        once per loaded model, see :func:`inference_model`). The rest of ``timings`` is windowing,
+        resizing, thresholding and copying.
     """
 
     kidney_tumor_mask: np.ndarray
@@ -58,6 +73,7 @@ class Prediction:
     tumor_slices: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    detail_timings: dict[str, float] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -84,14 +100,16 @@ def predict_volume(
     ct_hu_zrc:
         CT in Hounsfield units, internal frame (``volume.load_ct(...).data``). Not modified.
     bundle:
-        Loaded weights; its models must already be on ``device``.
+        Loaded weights; its models must already be on ``device``. Not modified (the networks run as
+        folded copies, see :func:`inference_model`).
     batch_size:
         Slices per forward pass; bounds the memory of the float tensors.
     device:
         Where the input batches go; default: the device of the kidney model's parameters.
     bf16:
         Run the networks under bfloat16 autocast (CPU or CUDA). About 2.5x faster on CPUs with AVX-512
-        bf16 (REFERENCE section 5); probabilities are still resized and thresholded in float32.
+        bf16 (REFERENCE section 5); probabilities are still resized and thresholded in float32. On a
+        device without native bf16 (:func:`native_bf16`) it is emulated and slower; a note says so.
     progress:
         Called after each batch as ``progress(stage, slices_done, slices_total)``.
     """
@@ -107,16 +125,23 @@ def predict_volume(
     n_slices, height, width = ct.shape
     notes: list[str] = []
     timings: dict[str, float] = {}
+    details: dict[str, float] = {"prepare": 0.0, "kidney_net": 0.0, "tumor_net": 0.0}
+    if bf16 and not native_bf16(device):
+        notes.append(
+            f"bf16 was requested but {device.type} has no native bfloat16 here; it is emulated and "
+            "likely slower than float32"
+        )
 
     t0 = time.perf_counter()
     kidney = np.zeros(ct.shape, dtype=bool)
     indices = np.arange(n_slices)
-    for done, idx, mask in _run_stage(
-        bundle.kidney, ct, indices, None, (lo, hi), batch_size, device, bf16, (height, width)
-    ):
+    runner = _StageRunner(bundle.kidney, (lo, hi), batch_size, device, bf16)
+    for done, idx, mask in runner.run(ct, indices, None, (height, width)):
         kidney[idx] = mask
         if progress is not None:
             progress("kidney", done, n_slices)
+    details["prepare"] += runner.prepare_seconds
+    details["kidney_net"] = runner.net_seconds
     timings["kidney"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -138,51 +163,142 @@ def predict_volume(
                 f"the kidney mask spans rows {rows[0]}-{rows[-1]}, more than the tumor band of "
                 f"{band_h} rows; tumor outside the band cannot be found"
             )
-        band_rows = (first, first + band_h)
-        for done, idx, mask in _run_stage(
-            bundle.tumor, ct, with_kidney, band_rows, (lo, hi), batch_size, device, bf16, (band_h, width)
-        ):
+        runner = _StageRunner(bundle.tumor, (lo, hi), batch_size, device, bf16)
+        for done, idx, mask in runner.run(ct, with_kidney, (first, first + band_h), (band_h, width)):
             tumor[idx, first : first + band_h, :] = mask
             if progress is not None:
                 progress("tumor", done, int(with_kidney.size))
+        details["prepare"] += runner.prepare_seconds
+        details["tumor_net"] = runner.net_seconds
     timings["tumor"] = time.perf_counter() - t0
-    return Prediction(kidney, tumor, band, int(with_kidney.size) if band else 0, timings, notes)
+    return Prediction(kidney, tumor, band, int(with_kidney.size) if band else 0, timings, notes, details)
 
 
-def _run_stage(
-    stage: StageModel,
-    ct: np.ndarray,
-    indices: np.ndarray,
-    rows: tuple[int, int] | None,
-    hu_window: tuple[float, float],
-    batch_size: int,
-    device: torch.device,
-    bf16: bool,
-    out_size: tuple[int, int],
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(slices_done, slice_indices, mask)`` batch by batch.
+def inference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The network as inference runs it: eval mode, BatchNorm folded, channels-last weights.
 
-    ``mask`` is a bool array ``(n, *out_size)``: the sigmoid probabilities, resized back from the model
-    grid to ``out_size`` in float32, then compared with the stage's threshold (strictly greater). Only one
-    batch of floats exists at a time, and only booleans leave the device.
+    The folding works on a copy, so the weights of the caller's model (a loaded bundle) are left as they
+    were; a network without BatchNorm has nothing to fold and is itself put in eval mode and channels-last
+    layout (same values). The folded copy is kept for the next call with the same, unchanged model (a
+    folder of cases costs one folding, not one per case); any change to the model's tensors (training,
+    ``load_state_dict``, moving devices) makes a new one. Shared with ``benchmarks/bench_segment.py``,
+    which measures the convolution throughput of exactly these layers.
     """
-    model = stage.model.to(memory_format=torch.channels_last)
     model.eval()
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if bf16 and device.type in ("cpu", "cuda")
-        else contextlib.nullcontext()
-    )
-    done = 0
-    with torch.inference_mode():
-        for start in range(0, len(indices), batch_size):
-            idx = indices[start : start + batch_size]
-            block = ct[idx] if rows is None else ct[idx, rows[0] : rows[1], :]
-            x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device).unsqueeze(1)
-            x = resize(window(x, *hu_window), stage.input_size)
-            x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = model(x)
-            probs = resize(torch.sigmoid(logits.float()), out_size)
-            done += len(idx)
-            yield done, idx, (probs[:, 0] > stage.threshold).cpu().numpy()
+    cached = _PREPARED.get(model)
+    if cached is not None and cached[0] == _fingerprint(model):
+        return cached[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of small tensor ops: thread hand-offs cost more than they give
+    try:
+        prepared = fuse_conv_bn(model).to(memory_format=torch.channels_last)
+    finally:
+        torch.set_num_threads(threads)
+    if prepared is not model:  # caching the model itself would keep it alive through the weak key
+        _PREPARED[model] = (_fingerprint(model), prepared)
+    return prepared
+
+
+#: Folded copies of models, keyed weakly by the original; see :func:`inference_model`.
+_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], torch.nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
+    """Storage and in-place version counter of every tensor of ``model``: changes when any of them does."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively, so that ``bf16=True`` is a speed-up.
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later). CPU: the oneDNN bf16 check when PyTorch
+    has it, else the Linux CPU flags ``avx512_bf16`` or ``amx_bf16`` (AVX-512 without them only emulates
+    bf16, which is slower than float32).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is not None and torch.backends.mkldnn.is_available():
+        try:
+            if not bool(check()):
+                return False
+        except RuntimeError:
+            pass
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+class _StageRunner:
+    """Runs one stage's network over slices, batch by batch, timing the forward passes alone."""
+
+    def __init__(
+        self,
+        stage: StageModel,
+        hu_window: tuple[float, float],
+        batch_size: int,
+        device: torch.device,
+        bf16: bool,
+    ) -> None:
+        self.stage = stage
+        t0 = time.perf_counter()
+        self.model = inference_model(stage.model)
+        self.prepare_seconds = time.perf_counter() - t0
+        self.hu_window = hu_window
+        self.batch_size = batch_size
+        self.device = device
+        self.bf16 = bf16 and device.type in ("cpu", "cuda")
+        self.net_seconds = 0.0
+
+    def run(
+        self,
+        ct: np.ndarray,
+        indices: np.ndarray,
+        rows: tuple[int, int] | None,
+        out_size: tuple[int, int],
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(slices_done, slice_indices, mask)`` batch by batch.
+
+        ``mask`` is a bool array ``(n, *out_size)``: the sigmoid probabilities, resized back from the
+        model grid to ``out_size`` in float32, then compared with the stage's threshold (strictly
+        greater). Only one batch of floats exists at a time, and only booleans leave the device.
+        """
+        stage, device = self.stage, self.device
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+            if self.bf16
+            else contextlib.nullcontext()
+        )
+        done = 0
+        with torch.inference_mode():
+            for start in range(0, len(indices), self.batch_size):
+                idx = indices[start : start + self.batch_size]
+                block = ct[idx] if rows is None else ct[idx, rows[0] : rows[1], :]
+                x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device).unsqueeze(1)
+                x = resize(window(x, *self.hu_window), stage.input_size)
+                x = x.contiguous(memory_format=torch.channels_last)
+                t0 = time.perf_counter()
+                with autocast:
+                    logits = self.model(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                self.net_seconds += time.perf_counter() - t0
+                probs = resize(torch.sigmoid(logits.float()), out_size)
+                done += len(idx)
+                yield done, idx, (probs[:, 0] > stage.threshold).cpu().numpy()
