@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from kitsseg.cli import main
+from kitsseg.cli._app import EXIT_TERMINATED
 from kitsseg.errors import (
     EXIT_BATCH_FAILED,
     EXIT_INTERRUPTED,
@@ -673,7 +674,13 @@ main(sys.argv[3:])
 """
 
 
-def _interrupt(args: list[str | Path], ready: Path, at_call: int, env: dict[str, str]) -> tuple[int, str]:
+def _interrupt(
+    args: list[str | Path],
+    ready: Path,
+    at_call: int,
+    env: dict[str, str],
+    sig: signal.Signals = signal.SIGINT,
+) -> tuple[int, str]:
     cmd = [sys.executable, "-c", _INTERRUPTIBLE, str(ready), str(at_call), *map(str, args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -683,7 +690,7 @@ def _interrupt(args: list[str | Path], ready: Path, at_call: int, env: dict[str,
             assert time.monotonic() < deadline, "the segment run never started its work"
             time.sleep(0.05)
         time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -703,6 +710,34 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path: Path, weights: Path, home: Pa
     _assert_one_error(err, "interrupted")
     assert list((tmp_path / "out").iterdir()) == []
     assert _snapshot(tmp_path / "in") == before
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_no_partial_output(tmp_path: Path, weights: Path, home: Path) -> None:
+    """SIGTERM (Slurm at the time limit, ``kill``) runs the same cleanup as Ctrl-C and exits 128 + 15."""
+    ct = _phantom_ct(tmp_path / "in" / "ct.nii.gz", shape=(40, 128, 128))
+    before = _snapshot(tmp_path / "in")
+    out = tmp_path / "out" / "m.nii.gz"
+    args = ["segment", ct, "-o", out, "--weights", weights, "--device", "cpu", "--threads", "1"]
+    code, err = _interrupt(args, tmp_path / "ready", 1, _env(home), sig=signal.SIGTERM)
+    assert code == EXIT_TERMINATED == 143, err
+    _assert_one_error(err, "terminated; no partial output was left behind")
+    assert list((tmp_path / "out").iterdir()) == []
+    assert _snapshot(tmp_path / "in") == before
+
+
+def test_sigterm_handler_is_restored_after_main() -> None:
+    """main installs its SIGTERM handler only while it runs; a library user's own handler comes back."""
+
+    def own(signum: int, frame: object) -> None:  # pragma: no cover - never called
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        assert _run(["--version"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.slow

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomic
 from .errors import WeightsError
 
 try:  # Linux and macOS; see the module docstring
@@ -140,15 +140,3 @@ def record_in_index(root: Path, name: str, record: dict[str, Any]) -> None:
         weights[name] = {**record, "added": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         text = json.dumps({"format": INDEX_FORMAT, "weights": weights}, indent=2, sort_keys=True)
         write_text_atomic(index_path, text + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_output
 from .errors import WeightsError
 from .model import UNet, UNetConfig
 
@@ -91,17 +91,8 @@ def save_bundle(
         }
     payload["metadata"] = json.dumps(meta, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:  # readable like any open()-made file, so weights can be shared
         torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a shared weights file should be readable
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -116,7 +107,9 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     try:
         meta = json.loads(payload["metadata"])
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: not a kitsseg weights file (no metadata); re-export or re-download it") from exc
+        raise WeightsError(
+            f"{path}: not a kitsseg weights file (no metadata); re-export or re-download it"
+        ) from exc
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path}: weights format {meta.get('format')!r}, expected {FORMAT!r}")
     stages: dict[str, StageModel] = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_text_atomic
 from .errors import DatasetError
 
 IMAGE_NAMES = ("imaging.nii.gz", "imaging.nii")
@@ -182,27 +182,10 @@ def check_split(split: Split, names: Sequence[str], where: str | os.PathLike[str
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON to a temporary file in the destination folder, then rename it into place."""
+    """Write JSON to a temporary file in the destination folder (created if needed), then rename it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, default_file_mode())
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def default_file_mode() -> int:
-    """``0o666`` minus the umask: what ``open()`` would give (``mkstemp`` always makes ``0o600``)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- slice sets

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .atomic import write_text_atomic
 from .errors import DatasetError, GridMismatchError, InputNotFoundError, KitssegError, OutputError
 from .metrics import (
     DEFAULT_TOLERANCE_MM,
@@ -248,21 +248,6 @@ def build_summary(
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _csv_cell(row: dict[str, Any], key: str) -> Any:
     value = row[key]
     if isinstance(value, float) and math.isnan(value):
@@ -300,9 +285,9 @@ def write_outputs(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         csv_path = out_dir / CSV_NAME
         summary_path = out_dir / SUMMARY_NAME
-        _atomic_write(csv_path, rows_to_csv(result.rows))
+        write_text_atomic(csv_path, rows_to_csv(result.rows), newline="")
         text = json.dumps(_json_safe(result.summary), indent=2, allow_nan=False) + "\n"
-        _atomic_write(summary_path, text)
+        write_text_atomic(summary_path, text, newline="")
     except OSError as exc:
         raise OutputError(f"cannot write evaluation results to {out_dir}: {exc}; check the folder") from exc
     return csv_path, summary_path

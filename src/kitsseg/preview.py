@@ -9,11 +9,11 @@ Half of the panels go to the slices with the most tumor, the rest to the slices 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_output
 from .errors import OutputError
 
 #: Soft-tissue display window in HU (level 40, width 400).
@@ -95,20 +95,13 @@ def write_preview(
     path = Path(path)
     slices = pick_slices(labels, n)
     image = montage([render_slice(ct_hu[z], labels[z], window) for z in slices])
+    started = False  # a failure before the temporary file exists is the folder's fault
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        with atomic_output(path) as tmp:
+            started = True
+            Image.fromarray(image).save(tmp, format="PNG")
     except OSError as exc:
-        raise OutputError(
-            f"cannot write the preview {path}: {exc.strerror or exc}; choose a writable folder"
-        ) from exc
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write the preview {path}: {exc.strerror or exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        hint = "" if started else "; choose a writable folder"
+        raise OutputError(f"cannot write the preview {path}: {exc.strerror or exc}{hint}") from exc
     return path

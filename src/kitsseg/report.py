@@ -13,13 +13,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .atomic import atomic_output
 from .errors import OutputError
 
 if TYPE_CHECKING:
@@ -182,24 +182,15 @@ def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented JSON atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
+    started = False  # a failure before the temporary file exists is the folder's fault
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_output(path) as tmp:
+            started = True
+            tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise OutputError(
-            f"cannot write the report {path}: {exc.strerror or exc}; choose a writable folder"
-        ) from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write the report {path}: {exc.strerror or exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        hint = "" if started else "; choose a writable folder"
+        raise OutputError(f"cannot write the report {path}: {exc.strerror or exc}{hint}") from exc
     return path
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .atomic import atomic_output
 from .errors import DatasetError, InputNotFoundError, OutputError
 from .postprocess import Unit, bounding_box, eigenvalue_ratio
 
@@ -294,16 +294,12 @@ def write_json(stats: ShapeStats, path: str | os.PathLike[str]) -> Path:
             f"cannot write {out}: folder {out.parent} does not exist; create it or choose another"
         )
     text = json.dumps(stats.to_dict(), indent=2, allow_nan=False) + "\n"
+    started = False  # a failure before the temporary file exists is the folder's fault
     try:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        with atomic_output(out) as tmp:
+            started = True
+            tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror}; choose a writable folder") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        hint = "" if started else "; choose a writable folder"
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}{hint}") from exc
     return out

@@ -27,7 +27,6 @@ import json
 import math
 import mmap
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .atomic import atomic_output, write_text_atomic
 from .augment import AugmentConfig
 from .checkpoint import StageModel, load_bundle, save_bundle
 from .data import (
@@ -44,7 +44,6 @@ from .data import (
     SliceSet,
     Split,
     check_split,
-    default_file_mode,
     find_cases,
     fingerprint,
     make_split,
@@ -322,15 +321,8 @@ def _epoch_seed(*parts: int) -> int:
 
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, default_file_mode())
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load_trusted(path: Path) -> dict[str, Any]:
@@ -735,15 +727,7 @@ def _validate(
 def _write_log(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     """Rewrite ``log.jsonl`` from the checkpoint's history (drops lines of an epoch that was not saved)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            for record in history:
-                fh.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in history))
 
 
 # --------------------------------------------------------------------------------------------- export

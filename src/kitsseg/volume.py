@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .atomic import atomic_output
 from .errors import (
     InputNotFoundError,
     InvalidImageError,
@@ -608,23 +608,15 @@ def _atomic_save(img: Any, path: Path) -> None:
     """Save to a hidden temporary file beside ``path``, then rename it into place; clean up on failure."""
     import nibabel as nib
 
-    suffix = _nifti_suffix(path)
-    folder = path.parent
-    stem = path.name[: -len(suffix)]
-    tmp = folder / f".{stem}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
+    suffix = _nifti_suffix(path)  # nibabel picks gzip or not from the temporary's name
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not fsynced (as before atomic.py): the report written after the mask is. The full-disk test of
+        # the report (test_cli_robustness) fails os.fsync for the whole process and relies on this.
+        with atomic_output(path, suffix=suffix, fsync=False) as tmp:
+            nib.save(img, str(tmp))
     except OSError as exc:
         raise OutputError(_os_error_message(path, exc)) from exc
-    finally:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError:  # pragma: no cover - nothing more can be done
-            pass
 
 
 def _os_error_message(path: Path, exc: OSError) -> str:

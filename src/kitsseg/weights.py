@@ -22,13 +22,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from .atomic import atomic_output
 from .cache import OFFLINE_ENV, cache_root, file_lock, is_offline, lock_path, read_index, record_in_index
 from .download import DownloadPolicy, download, partial_path, sha256_file
 from .errors import ChecksumError, InputNotFoundError, WeightsError
@@ -642,19 +642,13 @@ def _copy_verified(src: Path, dest: Path, sha: str) -> None:
     """Copy under the target's lock into a temporary file beside it, re-check the hash, rename into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(lock_path(dest)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        os.close(fd)
-        try:
+        with atomic_output(dest) as tmp:
             shutil.copyfile(src, tmp)
             actual = sha256_file(tmp)
             if actual != sha:
                 raise ChecksumError(
                     f"{src} changed while it was copied (sha256 {actual}, expected {sha}); try again"
                 )
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
         with contextlib.suppress(FileNotFoundError):
             partial_path(dest).unlink()  # an unfinished download of the same file is now moot
 

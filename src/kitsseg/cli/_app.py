@@ -4,14 +4,24 @@ What a user sees on stderr when something is wrong is decided here, once for eve
 ``error:`` line and the exit code of the error's class (``docs/errors.md``), one yellow ``warning:`` line
 per warning (no file name, no source line), and for a mistyped command line one red line that names the
 option and where to find help. Only a bug (an exception outside :class:`KitssegError`) shows a traceback.
+
+SIGTERM (what Slurm sends at a job's time limit, and ``kill``'s default) is handled like Ctrl-C: without a
+handler Python would die on the spot and leave a half-written mask or checkpoint behind, so while ``main``
+runs it raises ``KeyboardInterrupt`` instead, the same cleanup runs, and the exit code is 143 (128 + 15).
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import sys
+import threading
 import warnings
-from typing import Annotated, Any, TextIO
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Annotated, Any, NoReturn, TextIO
 
 import typer
 from rich.console import Console
@@ -30,6 +40,9 @@ app = typer.Typer(
 #: Rich console for tables and progress (stdout) and for the one-line errors (stderr).
 console = Console()
 err_console = Console(stderr=True)
+
+#: Exit code when the run is stopped by SIGTERM (the shell convention 128 + 15, as for Ctrl-C's 130).
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def _version(value: bool) -> None:
@@ -54,7 +67,7 @@ def one_line(message: object) -> str:
     return escape(re.sub(r"\s*\n\s*", " ", str(message)).strip())
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
     """Print one red error line on stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
@@ -81,27 +94,67 @@ def _usage_error(exc: Any) -> None:
     fail(message, int(getattr(exc, "exit_code", 2)))
 
 
+@dataclass
+class _Termination:
+    """Whether SIGTERM arrived while ``main`` ran (Ctrl-C and SIGTERM both surface as an interrupt)."""
+
+    received: bool = False
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[_Termination]:
+    """Make SIGTERM raise ``KeyboardInterrupt`` in the main thread; the previous handler is restored.
+
+    Only the first SIGTERM raises: a second one (``scancel`` twice) must not cut the cleanup of the first
+    short; SIGKILL still ends the process. Outside the main thread (``main`` called from a worker thread)
+    Python cannot install handlers, and nothing is changed.
+    """
+    state = _Termination()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not state.received:
+            state.received = True
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield state
+    finally:
+        # None: a handler installed outside Python, which cannot be put back; the default is closest.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the project's own errors become one line and an exit code, never a traceback."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_as_interrupt() as termination:
         warnings.showwarning = show_warning
-        _run(argv)
+        _run(argv, termination)
 
 
-def _run(argv: list[str] | None) -> None:
+def _interrupted(termination: _Termination) -> NoReturn:
+    """The one line and exit code of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+    if termination.received:
+        fail("terminated; no partial output was left behind", EXIT_TERMINATED)
+    fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
+
+
+def _run(argv: list[str] | None, termination: _Termination) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except KitssegError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
+        _interrupted(termination)
     except SystemExit:
         raise
     except Exception as exc:
         # Usage errors from click (typer >= 0.29 bundles its own copy, so match by name, not by class).
         names = {cls.__name__ for cls in type(exc).__mro__}
         if "Abort" in names:
-            fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
+            _interrupted(termination)
         if "NoArgsIsHelpError" in names and hasattr(exc, "show"):  # bare `kitsseg weights`: the help
             exc.show(file=sys.stderr)
             raise SystemExit(getattr(exc, "exit_code", 2)) from None
@@ -112,5 +165,5 @@ def _run(argv: list[str] | None) -> None:
     # command into ``Exit(130)``; ignoring the return value would end an interrupted run with status 0.
     if isinstance(code, int) and not isinstance(code, bool) and code != 0:
         if code == EXIT_INTERRUPTED:
-            fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
+            _interrupted(termination)
         raise SystemExit(code)
