@@ -18,9 +18,14 @@ REF = Path(__file__).resolve().parents[2] / "shared/data/real-ct/example_ct_seg_
 pred = load_labels(sys.argv[1]).data
 ref = load_labels(REF).data
 n_cols = ref.shape[2]
-for name, r, half in (("right", ref == 2, slice(0, n_cols // 2)), ("left", ref == 3, slice(n_cols // 2, None))):
+for name, r, half in (
+    ("right", ref == 2, slice(0, n_cols // 2)),
+    ("left", ref == 3, slice(n_cols // 2, None)),
+):
     p = np.zeros_like(r)
     p[:, :, half] = pred[:, :, half] > 0
-    print(f"{name:5s} kidney Dice {2 * (p & r).sum() / (p.sum() + r.sum()):.4f}  ref {r.sum()} pred {p.sum()} voxels")
+    print(
+        f"{name:5s} kidney Dice {2 * (p & r).sum() / (p.sum() + r.sum()):.4f}  ref {r.sum()} pred {p.sum()} voxels"
+    )
 both = (ref == 2) | (ref == 3)
 print(f"both  kidneys Dice {2 * ((pred > 0) & both).sum() / ((pred > 0).sum() + both.sum()):.4f}")

@@ -44,7 +44,10 @@ def load_all(root: Path) -> SliceSet:
         groups.extend(grp)
         sources.extend([src] * len(grp))
 
-    for fname, src in [("kits23_one_slice_per_case.npz", "kits23_slice50"), ("kits23_mid_slice_per_case.npz", "kits23_mid")]:
+    for fname, src in [
+        ("kits23_one_slice_per_case.npz", "kits23_slice50"),
+        ("kits23_mid_slice_per_case.npz", "kits23_mid"),
+    ]:
         d = np.load(root / fname)
         lab = d["label"].copy()
         lab[lab == 3] = 1
@@ -55,9 +58,7 @@ def load_all(root: Path) -> SliceSet:
     for a in ("a1", "a2", "a3"):
         lab = np.where(c[f"{a}_label"] == 2, 1, 0).astype(np.uint8)
         add(c[f"{a}_image_u8"] / 255.0, lab, [f"curvas_{n.split('_')[0]}" for n in c[f"{a}_name"]], "curvas")
-    return SliceSet(
-        np.concatenate(images), np.concatenate(labels), np.array(groups), np.array(sources)
-    )
+    return SliceSet(np.concatenate(images), np.concatenate(labels), np.array(groups), np.array(sources))
 
 
 def split_groups(groups: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:

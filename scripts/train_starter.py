@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,7 +63,7 @@ def augment(x, masks, gen, *, intensity=True):
         gamma = torch.exp((torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * math.log(1.5))
         x = x.clamp(0, 1) ** gamma
         x = x * (1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * 0.15)
-        x = x + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * 0.06
+        x = x + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * 0.1
         x = x + torch.randn(x.shape, generator=gen) * (torch.rand(n, 1, 1, 1, generator=gen) * 0.03)
         blur = torch.rand(n, generator=gen) < 0.25
         if blur.any():
@@ -138,7 +137,7 @@ def paste_tumors(x, y, k, donors, img, tu, gen, prob):
 
 
 def deenhance(x, m, gen, prob):
-    """Simulate a non-contrast scan: pull kidney (+tumor) pixels towards unenhanced soft tissue (25-45 HU).
+    """Simulate a non-contrast scan: pull kidney (+tumor) pixels towards unenhanced soft tissue (0-45 HU).
 
     Every training slice is contrast-enhanced, so without this the kidney model learns "bright organ" and
     misses kidneys in non-contrast CT (seen on the shipped example CT). Edges are softened by blurring the
@@ -148,7 +147,7 @@ def deenhance(x, m, gen, prob):
         if not m[i].any() or torch.rand(1, generator=gen).item() >= prob:
             continue
         a = torch.rand(1, generator=gen).item() * 0.4
-        level = (25 + torch.rand(1, generator=gen).item() * 20) / 255.0
+        level = (torch.rand(1, generator=gen).item() * 45) / 255.0
         noise = torch.randn(x[i].shape, generator=gen) * 0.015
         target = a * x[i] + (1 - a) * level + noise
         x[i] = x[i] * (1 - soft[i]) + target * soft[i]
@@ -186,7 +185,6 @@ def batch_for(stage, idx, img, kt, tu, gen, train, crop=0, donors=None, paste=0.
 
 def evaluate(model, stage, idx, img, kt, tu, gen, threshold=0.5):
     model.eval()
-    tp = fp = fn = 0.0
     losses = []
     per_thr = {t: [0.0, 0.0, 0.0] for t in (0.3, 0.4, 0.5, 0.6, 0.7)}
     with torch.inference_mode():
@@ -235,11 +233,20 @@ def train_stage(args):
         gen.set_state(ck["gen"])
         torch.set_rng_state(ck["rng"])
         epoch, best = int(ck["epoch"]), float(ck["best"])
+        if args.reset_lr:
+            for group in opt.param_groups:
+                group["lr"] = args.reset_lr
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=3)
+            best = -1.0  # a new phase (new augmentation): select its best epoch afresh
         print(f"resumed {args.stage} at epoch {epoch}, best {best:.4f}", flush=True)
     print(f"{args.stage}: train pos {len(tr_pos)} neg {len(tr_neg)}, val {len(va)}", flush=True)
     deadline = time.time() + args.minutes * 60
     n_neg = int(round(args.batch * neg_per_batch))
-    steps = max(1, (len(tr_pos) + len(tr_neg) * neg_per_batch) // args.batch) if args.stage == "kidney" else max(1, len(tr_pos) // (args.batch - n_neg))
+    steps = (
+        max(1, (len(tr_pos) + len(tr_neg) * neg_per_batch) // args.batch)
+        if args.stage == "kidney"
+        else max(1, len(tr_pos) // (args.batch - n_neg))
+    )
     while epoch < args.epochs and time.time() < deadline:
         t0 = time.time()
         model.train()
@@ -247,9 +254,21 @@ def train_stage(args):
         perm = tr_pos[torch.randperm(len(tr_pos), generator=gen)]
         k = args.batch - n_neg
         for s in range(int(steps)):
-            pi = perm[(s * k) % len(perm):][:k]
+            pi = perm[(s * k) % len(perm) :][:k]
             ni = tr_neg[torch.randint(len(tr_neg), (n_neg,), generator=gen)]
-            x, y = batch_for(args.stage, torch.cat([pi, ni]), img, kt, tu, gen, True, args.crop, tr_pos, args.paste, args.deenhance)
+            x, y = batch_for(
+                args.stage,
+                torch.cat([pi, ni]),
+                img,
+                kt,
+                tu,
+                gen,
+                True,
+                args.crop,
+                tr_pos,
+                args.paste,
+                args.deenhance,
+            )
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 logits = model(x)
@@ -261,22 +280,44 @@ def train_stage(args):
         vloss, vdice = evaluate(model, args.stage, va, img, kt, tu, gen)
         sched.step(vloss)
         epoch += 1
-        d = vdice[0.5]
-        rec = {"stage": args.stage, "epoch": epoch, "train_loss": tot / steps, "val_loss": vloss,
-               "val_dice": {str(t): round(v, 4) for t, v in vdice.items()}, "lr": opt.param_groups[0]["lr"],
-               "seconds": round(time.time() - t0, 1)}
+        rec = {
+            "stage": args.stage,
+            "epoch": epoch,
+            "train_loss": tot / steps,
+            "val_loss": vloss,
+            "val_dice": {str(t): round(v, 4) for t, v in vdice.items()},
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": round(time.time() - t0, 1),
+        }
         print(json.dumps(rec), flush=True)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if max(vdice.values()) > best:
             best = max(vdice.values())
             thr = max(vdice, key=vdice.get)
-            torch.save({"model": model.state_dict(), "config": json.dumps(config.to_dict()), "epoch": epoch,
-                        "val_dice": best, "threshold": thr}, out / "best.tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "config": json.dumps(config.to_dict()),
+                    "epoch": epoch,
+                    "val_dice": best,
+                    "threshold": thr,
+                },
+                out / "best.tmp",
+            )
             os.replace(out / "best.tmp", out / "best.pt")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "gen": gen.get_state(), "rng": torch.get_rng_state(), "epoch": epoch, "best": best},
-                   out / "last.tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "gen": gen.get_state(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "best": best,
+            },
+            out / "last.tmp",
+        )
         os.replace(out / "last.tmp", out / "last.pt")
 
 
@@ -293,8 +334,12 @@ def export(path: Path, eig_bounds):
         stages[name] = StageModel(model, size, float(ck["threshold"]))
         meta_stages[name] = {"epoch": int(ck["epoch"]), "val_dice": float(ck["val_dice"])}
     meta = {
-        "name": "kitsseg-starter", "version": "0.1.0", "hu_window": list(WINDOW),
-        "eig_bounds": list(eig_bounds), "eig_unit": "voxel", "band_fraction": 0.5,
+        "name": "kitsseg-starter",
+        "version": "0.1.0",
+        "hu_window": list(WINDOW),
+        "eig_bounds": list(eig_bounds),
+        "eig_unit": "voxel",
+        "band_fraction": 0.5,
         "license": "CC BY-NC-SA 4.0 (inherited from the training slices): non-commercial research only",
         "training_data": "real CT slices: KiTS23 (2x298), KiTS19 (97), CURVAS (108); see docs/model-card.md",
         "validation": meta_stages,
@@ -314,9 +359,30 @@ def main():
     ap.add_argument("--crop", type=int, default=128, help="train on crops this wide (0: whole inputs)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--tumor-neg", type=float, default=0.5, help="fraction of each tumor batch that is kidney-without-tumor")
-    ap.add_argument("--paste", type=float, default=0.5, help="tumor stage: probability of pasting a real tumor into a negative slice")
-    ap.add_argument("--deenhance", type=float, default=0.25, help="kidney stage: probability of simulating a non-contrast kidney")
+    ap.add_argument(
+        "--tumor-neg",
+        type=float,
+        default=0.5,
+        help="fraction of each tumor batch that is kidney-without-tumor",
+    )
+    ap.add_argument(
+        "--paste",
+        type=float,
+        default=0.5,
+        help="tumor stage: probability of pasting a real tumor into a negative slice",
+    )
+    ap.add_argument(
+        "--deenhance",
+        type=float,
+        default=0.25,
+        help="kidney stage: probability of simulating a non-contrast kidney",
+    )
+    ap.add_argument(
+        "--reset-lr",
+        type=float,
+        default=0.0,
+        help="on resume, restart the LR schedule at this LR (a new training phase)",
+    )
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)

@@ -90,5 +90,7 @@ class ResourceError(KitssegError, MemoryError):
 
 #: Exit code the CLI uses when the user interrupts with Ctrl-C (the shell convention 128 + SIGINT).
 EXIT_INTERRUPTED = 130
+#: Exit code when the process is asked to stop with SIGTERM (Slurm at a time limit): 128 + SIGTERM.
+EXIT_TERMINATED = 143
 #: Exit code of a batch in which at least one case failed while the others were written.
 EXIT_BATCH_FAILED = 2

@@ -125,9 +125,7 @@ class UNet(nn.Module):
         c, w = self.config, self.config.base_width
         widths = [w * 2**i for i in range(c.depth + 1)]
         self.inc = DoubleConv(c.in_channels, widths[0], c.norm)
-        self.downs = nn.ModuleList(
-            Down(widths[i], widths[i + 1], c.norm) for i in range(c.depth)
-        )
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], c.norm) for i in range(c.depth))
         self.ups = nn.ModuleList(
             Up(widths[i + 1], widths[i], c.norm, c.upsample) for i in reversed(range(c.depth))
         )

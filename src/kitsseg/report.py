@@ -211,6 +211,10 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+#: Removed components listed on the terminal (largest first); the JSON report lists every one.
+MAX_REMOVED_ROWS = 5
+
+
 def report_table(report: Mapping[str, Any]) -> Table:
     """A rich table of one report: volumes per side, tumors, removed components, Dice, timings."""
     from rich.table import Table
@@ -239,9 +243,17 @@ def report_table(report: Mapping[str, Any]) -> Table:
             f"{_fmt(t['volume_ml'])} mL",
             f"diameter {_fmt(t['max_axial_diameter_mm'])} mm, eig ratio {_fmt(t['eigenvalue_ratio'], 2)}",
         )
-    table.add_row("removed", str(len(report["removed"])), "")
-    for r in report["removed"]:
+    removed = list(report["removed"])
+    table.add_row("removed", str(len(removed)), "components dropped by post-processing (all in the JSON)")
+    # The largest few explain what post-processing did; hundreds of one-voxel specks would drown the table.
+    shown = sorted(removed, key=lambda r: -(r.get("volume_ml") or 0.0))[:MAX_REMOVED_ROWS]
+    for r in shown:
         table.add_row(f"  {r['kind']} ({r['side']})", f"{_fmt(r['volume_ml'], 2)} mL", r["reason"])
+    if len(removed) > len(shown):
+        rest = sum((r.get("volume_ml") or 0.0) for r in removed) - sum(
+            (r.get("volume_ml") or 0.0) for r in shown
+        )
+        table.add_row("  ...", f"{_fmt(rest, 2)} mL", f"{len(removed) - len(shown)} smaller components")
     ref = report.get("reference")
     if ref:
         table.add_row("Dice kidney+tumor", _fmt(ref.get("dice_kidney_tumor"), 4), str(ref.get("path", "")))

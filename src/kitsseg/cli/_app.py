@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 
 from .. import __version__
-from ..errors import EXIT_INTERRUPTED, KitssegError
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, KitssegError
 
 app = typer.Typer(
     name="kitsseg",
@@ -42,7 +42,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 #: Exit code when the run is stopped by SIGTERM (the shell convention 128 + 15, as for Ctrl-C's 130).
-EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def _version(value: bool) -> None:

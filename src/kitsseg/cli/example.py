@@ -1,4 +1,7 @@
-"""`kitsseg example`: print the path of the shipped example CT, e.g. ``kitsseg segment "$(kitsseg example)"``."""
+"""`kitsseg example`: print the path of the shipped example CT.
+
+Use it as ``kitsseg segment "$(kitsseg example)" -o mask.nii.gz``.
+"""
 
 from __future__ import annotations
 
