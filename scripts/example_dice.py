@@ -24,8 +24,7 @@ for name, r, half in (
 ):
     p = np.zeros_like(r)
     p[:, :, half] = pred[:, :, half] > 0
-    print(
-        f"{name:5s} kidney Dice {2 * (p & r).sum() / (p.sum() + r.sum()):.4f}  ref {r.sum()} pred {p.sum()} voxels"
-    )
+    dice = 2 * (p & r).sum() / (p.sum() + r.sum())
+    print(f"{name:5s} kidney Dice {dice:.4f}  ref {r.sum()} pred {p.sum()} voxels")
 both = (ref == 2) | (ref == 3)
 print(f"both  kidneys Dice {2 * ((pred > 0) & both).sum() / ((pred > 0).sum() + both.sum()):.4f}")
