@@ -50,14 +50,15 @@ def overlap_filter(tumor, kt, min_overlap=0.95):
     return out
 
 
-def variants(kt, tu):
+def variants(kt, tu, overlaps=(0.95,)):
     """Raw output and each post-processing step added in turn (2D analogues)."""
     out = {"raw": (kt, tu)}
     kt1, tu1 = ndimage.binary_fill_holes(kt), ndimage.binary_fill_holes(tu)
     out["+fill_holes"] = (kt1, tu1)
     kt2 = two_largest(kt1)
     out["+two_largest"] = (kt2, tu1)
-    out["+tumor_overlap"] = (kt2, overlap_filter(tu1, kt2))
+    for ov in overlaps:
+        out[f"+tumor_overlap{ov:g}"] = (kt2, overlap_filter(tu1, kt2, ov))
     return out
 
 
@@ -66,19 +67,21 @@ def main():
     ap.add_argument("weights", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--overlaps", default="0.95", help="tumor overlap thresholds to compare, e.g. 0.95,0.5")
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     s = load_all(DATA)
     val = split_groups(s.group, args.val_fraction, args.seed)
     bundle = load_bundle(args.weights)
+    overlaps = [float(v) for v in args.overlaps.split(",")]
     acc: dict = {}
     idx = np.nonzero(val)[0]
     for i in idx:
         hu = (s.image[i] * (WINDOW[1] - WINDOW[0]) + WINDOW[0])[None]
         pred = predict_volume(hu, bundle, bf16=args.bf16)
         gt_kt, gt_tu = s.label[i] > 0, s.label[i] == 2
-        for name, (kt, tu) in variants(pred.kidney_tumor_mask[0], pred.tumor_mask[0]).items():
+        for name, (kt, tu) in variants(pred.kidney_tumor_mask[0], pred.tumor_mask[0], overlaps).items():
             for src in (s.source[i], "all"):
                 a = acc.setdefault(src, {}).setdefault(name, np.zeros(6))
                 a += [(kt & gt_kt).sum(), kt.sum(), gt_kt.sum(), (tu & gt_tu).sum(), tu.sum(), gt_tu.sum()]

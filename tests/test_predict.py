@@ -104,14 +104,28 @@ def test_all_foreground_gives_a_centred_band_at_full_resolution() -> None:
     assert pred.tumor_mask.dtype == np.bool_
     assert pred.kidney_tumor_mask.shape == ct.shape
     assert pred.kidney_tumor_mask.all()
-    height = band_height(40)
-    first = band_start(0, 39, 40)
-    assert pred.band == (first, height) == (10, 20)
+    # The 40x48 slice is padded to 48x48 (4 rows above): the band is half of the square, centred on
+    # the kidney rows 0..39 = padded rows 4..43, and reported in the slice's own rows.
+    height = band_height(48)
+    first = band_start(4, 43, 48) - 4
+    assert pred.band == (first, height) == (8, 24)
     expected = np.zeros(ct.shape, dtype=bool)
-    expected[:, 10:30, :] = True
+    expected[:, 8:32, :] = True
     np.testing.assert_array_equal(pred.tumor_mask, expected)
     assert pred.tumor_slices == 5
     assert set(pred.timings) == {"kidney", "tumor"}
+
+
+def test_non_square_slices_are_padded_not_stretched() -> None:
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-200, 400, size=(3, 40, 64)).astype(np.float32)
+    square = np.full((3, 64, 64), -1000.0, dtype=np.float32)  # air: 0 after windowing, as the padding
+    square[:, 12:52, :] = ct
+    bundle = make_bundle(band_pass_unet(0.2, 0.9), band_pass_unet(0.2, 0.45))
+    pred = predict_volume(ct, bundle)
+    ref = predict_volume(square, bundle)
+    np.testing.assert_array_equal(pred.kidney_tumor_mask, ref.kidney_tumor_mask[:, 12:52])
+    np.testing.assert_array_equal(pred.tumor_mask, ref.tumor_mask[:, 12:52])
 
 
 def test_no_kidney_means_no_tumor_run() -> None:

@@ -135,8 +135,9 @@ def predict_volume(
     t0 = time.perf_counter()
     kidney = np.zeros(ct.shape, dtype=bool)
     indices = np.arange(n_slices)
-    runner = _StageRunner(bundle.kidney, (lo, hi), batch_size, device, bf16)
-    for done, idx, mask in runner.run(ct, indices, None, (height, width)):
+    square = SquarePad.for_shape(height, width)
+    runner = _StageRunner(bundle.kidney, (lo, hi), batch_size, device, bf16, square)
+    for done, idx, mask in runner.run(ct, indices, None):
         kidney[idx] = mask
         if progress is not None:
             progress("kidney", done, n_slices)
@@ -154,18 +155,19 @@ def predict_volume(
         notes.append("the kidney model found no kidney; the tumor model was not run")
     else:
         fraction = float(bundle.metadata.get("band_fraction", BAND_FRACTION))
-        rows = np.flatnonzero(kidney.any(axis=(0, 2)))
-        band_h = band_height(height, fraction)
-        first = band_start(int(rows[0]), int(rows[-1]), height, fraction)
-        band = (first, band_h)
+        # The band is placed in the square-padded slice, the frame the models were trained in.
+        rows = np.flatnonzero(kidney.any(axis=(0, 2))) + square.top
+        band_h = band_height(square.side, fraction)
+        first = band_start(int(rows[0]), int(rows[-1]), square.side, fraction)
+        band = (first - square.top, band_h)
         if rows[-1] - rows[0] + 1 > band_h:
             notes.append(
                 f"the kidney mask spans rows {rows[0]}-{rows[-1]}, more than the tumor band of "
                 f"{band_h} rows; tumor outside the band cannot be found"
             )
-        runner = _StageRunner(bundle.tumor, (lo, hi), batch_size, device, bf16)
-        for done, idx, mask in runner.run(ct, with_kidney, (first, first + band_h), (band_h, width)):
-            tumor[idx, first : first + band_h, :] = mask
+        runner = _StageRunner(bundle.tumor, (lo, hi), batch_size, device, bf16, square)
+        for done, idx, mask in runner.run(ct, with_kidney, (first, first + band_h)):
+            tumor[idx] = mask
             if progress is not None:
                 progress("tumor", done, int(with_kidney.size))
         details["prepare"] += runner.prepare_seconds
@@ -255,8 +257,10 @@ class _StageRunner:
         batch_size: int,
         device: torch.device,
         bf16: bool,
+        square: SquarePad,
     ) -> None:
         self.stage = stage
+        self.square = square
         t0 = time.perf_counter()
         self.model = inference_model(stage.model)
         self.prepare_seconds = time.perf_counter() - t0
@@ -271,34 +275,75 @@ class _StageRunner:
         ct: np.ndarray,
         indices: np.ndarray,
         rows: tuple[int, int] | None,
-        out_size: tuple[int, int],
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(slices_done, slice_indices, mask)`` batch by batch.
 
-        ``mask`` is a bool array ``(n, *out_size)``: the sigmoid probabilities, resized back from the
-        model grid to ``out_size`` in float32, then compared with the stage's threshold (strictly
-        greater). Only one batch of floats exists at a time, and only booleans leave the device.
+        Each slice is padded to a square (see :class:`SquarePad`), ``rows`` (in the padded slice) is cut
+        out for the tumor band, and the result is resized to the model input. ``mask`` is a bool array
+        with the slices' own shape: the sigmoid probabilities, resized back from the model grid in
+        float32, then compared with the stage's threshold (strictly greater); outside the band it is
+        False. Only one batch of floats exists at a time, and only booleans leave the device.
         """
-        stage, device = self.stage, self.device
+        stage, device, sq = self.stage, self.device, self.square
         autocast = (
             torch.autocast(device_type=device.type, dtype=torch.bfloat16)
             if self.bf16
             else contextlib.nullcontext()
         )
+        r0, r1 = rows if rows is not None else (0, sq.side)
         done = 0
         with torch.inference_mode():
             for start in range(0, len(indices), self.batch_size):
                 idx = indices[start : start + self.batch_size]
-                block = ct[idx] if rows is None else ct[idx, rows[0] : rows[1], :]
-                x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device).unsqueeze(1)
-                x = resize(window(x, *self.hu_window), stage.input_size)
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = torch.from_numpy(np.ascontiguousarray(ct[idx], dtype=np.float32)).to(device).unsqueeze(1)
+                x = sq.pad(window(x, *self.hu_window))[:, :, r0:r1]
+                x = resize(x, stage.input_size).contiguous(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
                 with autocast:
                     logits = self.model(x)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 self.net_seconds += time.perf_counter() - t0
-                probs = resize(torch.sigmoid(logits.float()), out_size)
+                probs = resize(torch.sigmoid(logits.float()), (r1 - r0, sq.side))
                 done += len(idx)
-                yield done, idx, (probs[:, 0] > stage.threshold).cpu().numpy()
+                yield done, idx, sq.crop_rows(probs[:, 0] > stage.threshold, r0).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class SquarePad:
+    """Pad a slice to a square with the window's lowest value (air), centred, and crop results back.
+
+    The models were trained on square slices resized whole, so a non-square slice (a converter's
+    122x101 grid, KiTS19's 512x796 case) resized straight to 256x256 would be stretched; padding keeps
+    its aspect ratio. Square slices (almost every CT) pass through untouched.
+    """
+
+    height: int
+    width: int
+    side: int
+    top: int
+    left: int
+
+    @classmethod
+    def for_shape(cls, height: int, width: int) -> SquarePad:
+        side = max(height, width)
+        return cls(height, width, side, (side - height) // 2, (side - width) // 2)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, height, width)`` windowed slices (0 = air) -> ``(N, C, side, side)``."""
+        if self.height == self.width:
+            return x
+        bottom = self.side - self.height - self.top
+        right = self.side - self.width - self.left
+        return torch.nn.functional.pad(x, (self.left, right, self.top, bottom), value=0.0)
+
+    def crop_rows(self, mask: torch.Tensor, first_row: int) -> torch.Tensor:
+        """A ``(N, rows, side)`` result starting at padded row ``first_row`` -> ``(N, height, width)``."""
+        out = torch.zeros((mask.shape[0], self.height, self.width), dtype=mask.dtype, device=mask.device)
+        lo = max(first_row, self.top)
+        hi = min(first_row + mask.shape[1], self.top + self.height)
+        if hi > lo:
+            out[:, lo - self.top : hi - self.top] = mask[
+                :, lo - first_row : hi - first_row, self.left : self.left + self.width
+            ]
+        return out
