@@ -321,7 +321,7 @@ def train_stage(args):
         os.replace(out / "last.tmp", out / "last.pt")
 
 
-def export(path: Path, eig_bounds):
+def export(path: Path, eig_bounds, min_overlap):
     stages = {}
     meta_stages = {}
     for name, size in (("kidney", (256, 256)), ("tumor", (128, 256))):
@@ -340,6 +340,7 @@ def export(path: Path, eig_bounds):
         "eig_bounds": list(eig_bounds),
         "eig_unit": "voxel",
         "band_fraction": 0.5,
+        "min_overlap": min_overlap,
         "license": "CC BY-NC-SA 4.0 (inherited from the training slices): non-commercial research only",
         "training_data": "real CT slices: KiTS23 (2x298), KiTS19 (97), CURVAS (108); see docs/model-card.md",
         "validation": meta_stages,
@@ -353,6 +354,10 @@ def main():
     ap.add_argument("--stage", choices=["kidney", "tumor"])
     ap.add_argument("--export", type=Path)
     ap.add_argument("--eig-bounds", default="1.07,2.8")
+    ap.add_argument(
+        "--min-overlap", type=float, default=0.2,
+        help="tumor-in-kidney overlap threshold stored in the weights (chosen on validation slices)",
+    )
     ap.add_argument("--minutes", type=float, default=40)
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
@@ -389,7 +394,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     if args.export:
-        export(args.export, [float(v) for v in args.eig_bounds.split(",")])
+        export(args.export, [float(v) for v in args.eig_bounds.split(",")], args.min_overlap)
     elif args.stage:
         train_stage(args)
     else:

@@ -35,6 +35,8 @@ Spacing = Sequence[float]
 
 #: The paper's tumor shape bounds (voxel-index units, REFERENCE section 2).
 PAPER_EIG_BOUNDS = (1.07, 2.8)
+#: The paper's tumor-in-kidney overlap threshold (weights may carry their own, measured on validation).
+PAPER_MIN_OVERLAP = 0.95
 
 __all__ = [
     "PAPER_EIG_BOUNDS",
@@ -100,10 +102,14 @@ class PostprocessOptions:
     fill_holes: bool = True
     keep_kidneys: bool = True
     num_kidneys: int = 2
+    #: Kidneys kept besides the largest must share some of its slices (see keep_largest_components).
+    kidneys_same_level: bool = True
     tumor_shape: bool = True
     tumor_overlap: bool = True
     eig_bounds: tuple[float, float] = PAPER_EIG_BOUNDS
-    min_overlap: float = 0.95
+    #: Least fraction of a tumor inside the kidney+tumor mask. ``None``: the weights' ``min_overlap``
+    #: when segmenting (``kitsseg.segment``), else the paper's 0.95.
+    min_overlap: float | None = None
     unit: Unit = "voxel"
     min_tumor_voxels: int = 10
     connectivity: int = 3
@@ -251,8 +257,12 @@ def keep_largest_components(
     *,
     spacing: Spacing | None = None,
     kind: str = "kidney",
+    same_level: bool = False,
 ) -> tuple[np.ndarray, list[Component]]:
     """Keep the ``num_components`` largest connected components (by voxel count), drop the rest.
+
+    With ``same_level``, only components whose slices (axis 0) overlap those of the largest one can join
+    it (both kidneys lie at one level; the pelvis holds none).
 
     The kidney model's false positives on slices without kidney are small and separate; in all 210 KiTS19
     labels the two largest kidney+tumor components hold at least 99.8% of the voxels, so "keep the two
@@ -267,24 +277,39 @@ def keep_largest_components(
     if box is None:
         return np.zeros(m.shape, dtype=bool), []
     labels, n = _label(m[box], connectivity)
-    if n <= num_components:
+    if n <= (1 if same_level else num_components):
         return m.copy(), []
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     order = np.argsort(-sizes, kind="stable")  # label order among equal sizes
+    boxes = ndimage.find_objects(labels)
+    off_level: set[int] = set()
+    if same_level and num_components > 1:
+        # Both kidneys lie at the same level: in all 207 KiTS19 cases with two or more components the two
+        # largest overlap in z. A larger blob elsewhere (the bladder, in a CT the model finds hard) must
+        # not take the second kidney's place.
+        first = boxes[order[0]][0]
+        off_level = {
+            int(i) for i in order[1:] if boxes[i][0].stop <= first.start or boxes[i][0].start >= first.stop
+        }
+    chosen = [int(i) for i in order if int(i) not in off_level][:num_components]
     keep = np.zeros(n + 1, dtype=bool)
-    keep[order[:num_components] + 1] = True
+    keep[np.asarray(chosen, dtype=int) + 1] = True
     out = np.zeros(m.shape, dtype=bool)
     out[box] = keep[labels]
     removed = []
-    boxes = ndimage.find_objects(labels)
     offset = tuple(s.start for s in box)
-    smallest_kept = int(sizes[order[num_components - 1]]) if num_components else 0
-    for idx in order[num_components:]:
+    smallest_kept = int(sizes[chosen[-1]]) if chosen else 0
+    for idx in order:
+        if keep[idx + 1]:
+            continue
         comp, _, _ = _describe(labels, int(idx) + 1, boxes[idx], offset, sp, kind=kind)
-        reason = (
-            f"not among the {num_components} largest {kind} components "
-            f"({comp.voxels} voxels; the smallest kept has {smallest_kept})"
-        )
+        if int(idx) in off_level:
+            reason = f"not at the level (slices) of the largest {kind} component ({comp.voxels} voxels)"
+        else:
+            reason = (
+                f"not among the {num_components} largest {kind} components "
+                f"({comp.voxels} voxels; the smallest kept has {smallest_kept})"
+            )
         removed.append(dataclasses.replace(comp, reason=reason))
     return out, removed
 
@@ -535,7 +560,11 @@ def postprocess(
         t = fill_holes(t)
     if opts.keep_kidneys:
         kt, dropped = keep_largest_components(
-            kt, num_components=opts.num_kidneys, connectivity=opts.connectivity, spacing=sp
+            kt,
+            num_components=opts.num_kidneys,
+            connectivity=opts.connectivity,
+            spacing=sp,
+            same_level=opts.kidneys_same_level,
         )
         removed.extend(dropped)
     filtering = opts.tumor_shape or opts.tumor_overlap
@@ -543,7 +572,9 @@ def postprocess(
         t,
         kt,
         eig_bounds=opts.eig_bounds if opts.tumor_shape else None,
-        min_overlap=opts.min_overlap if opts.tumor_overlap else None,
+        min_overlap=(opts.min_overlap if opts.min_overlap is not None else PAPER_MIN_OVERLAP)
+        if opts.tumor_overlap
+        else None,
         connectivity=opts.connectivity,
         min_voxels=opts.min_tumor_voxels if filtering else 0,
         unit=opts.unit,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InputNotFoundError, InvalidImageError, KitssegError, OutputError
-from .postprocess import PostprocessOptions
+from .postprocess import PAPER_MIN_OVERLAP, PostprocessOptions
 
 if TYPE_CHECKING:
     import torch
@@ -287,13 +287,21 @@ def _check_input(src: Path) -> None:
 def resolve_options(
     options: PostprocessOptions | None, bundle: WeightsBundle, eig_bounds: tuple[float, float] | None
 ) -> PostprocessOptions:
-    """The post-processing options with the tumor shape bounds and unit taken from the weights."""
+    """The post-processing options with the tumor shape bounds, unit and overlap taken from the weights.
+
+    Explicit values (``eig_bounds``, ``options.min_overlap``) win over the weights' own.
+    """
     opts = options or PostprocessOptions()
     bounds = tuple(float(b) for b in (eig_bounds if eig_bounds is not None else bundle.eig_bounds))
     if len(bounds) != 2 or not bounds[0] <= bounds[1]:
         raise KitssegError(f"eigenvalue-ratio bounds must be LOW,HIGH with LOW <= HIGH, got {bounds}")
     unit = bundle.metadata.get("eig_unit", opts.unit)
-    return dataclasses.replace(opts, eig_bounds=(bounds[0], bounds[1]), unit=unit)
+    overlap = opts.min_overlap
+    if overlap is None:
+        overlap = float(bundle.metadata.get("min_overlap", PAPER_MIN_OVERLAP))
+    if not 0.0 <= overlap <= 1.0:
+        raise KitssegError(f"the tumor overlap threshold must lie in [0, 1], got {overlap}")
+    return dataclasses.replace(opts, eig_bounds=(bounds[0], bounds[1]), unit=unit, min_overlap=overlap)
 
 
 def _segment_case(

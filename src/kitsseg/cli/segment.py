@@ -122,6 +122,14 @@ def segment_command(
         Path | None,
         typer.Option(help="Ground-truth labels of the same CT: adds Dice to the report (file mode)."),
     ] = None,
+    min_overlap: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Least fraction of a tumor inside the kidney+tumor mask (default: the weights' value).",
+        ),
+    ] = None,
     volume_index: Annotated[
         int | None,
         typer.Option(min=0, help="Which volume of a 4D INPUT to segment, from 0 (file mode)."),
@@ -168,6 +176,7 @@ def segment_command(
             keep_kidneys=not no_keep_kidneys,
             tumor_shape=not no_tumor_shape,
             tumor_overlap=not no_tumor_overlap,
+            min_overlap=min_overlap,
         )
     common = dict(batch_size=batch_size, postprocess=options, eig_bounds=bounds, bf16=bf16)
     with _warnings_as_lines():
