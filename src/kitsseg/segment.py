@@ -215,7 +215,7 @@ def segment(
     reference: str | os.PathLike[str] | None = None,
     report_path: str | os.PathLike[str] | None = None,
     preview_path: str | os.PathLike[str] | None = None,
-    bf16: bool = False,
+    bf16: bool | None = None,
     progress: ProgressFn | None = None,
     volume_index: int | None = None,
 ) -> SegmentationResult:
@@ -241,7 +241,10 @@ def segment(
     preview_path:
         Optional PNG montage of the slices with the most kidney and tumor.
     bf16:
-        bfloat16 autocast for the networks (faster on recent CPUs and GPUs).
+        bfloat16 autocast for the networks. ``None`` (default): on where the device computes bf16
+        natively (CPUs with AVX-512 bf16 or AMX, Ampere+ GPUs). Measured on the starter model's 115
+        validation slices: Dice kidney+tumor 0.8918 bf16 against 0.8919 fp32, tumor 0.7287 against
+        0.7291, for about 2.5x less network time on this project's CPU (docs/model-card.md).
     volume_index:
         Which volume of a 4D file to segment, counting from 0 (a 4D file without it is refused).
     """
@@ -315,14 +318,14 @@ def _segment_case(
     eig_bounds: tuple[float, float] | None,
     reference: Path | None,
     preview_path: Path | None,
-    bf16: bool,
+    bf16: bool | None,
     progress: ProgressFn | None,
     keep_labels: bool = True,
     volume_index: int | None = None,
 ) -> SegmentationResult:
     from .metrics import EMPTY_MASK_RULE, dice, region_mask
     from .postprocess import postprocess
-    from .predict import predict_volume
+    from .predict import native_bf16, predict_volume
     from .report import build_report, write_json
     from .volume import load_ct, load_labels, same_grid, save_labels
 
@@ -350,6 +353,8 @@ def _segment_case(
         ref_same_grid = same_grid(volume, ref_volume)
     timings["load"] = time.perf_counter() - t0
 
+    if bf16 is None:
+        bf16 = native_bf16(model.device)
     pred = predict_volume(
         volume.data, model.bundle, batch_size=batch_size, device=model.device, bf16=bf16, progress=progress
     )
@@ -592,7 +597,7 @@ def segment_folder(
     postprocess: PostprocessOptions | None = None,
     eig_bounds: tuple[float, float] | None = None,
     preview_dir: str | os.PathLike[str] | None = None,
-    bf16: bool = False,
+    bf16: bool | None = None,
     continue_: bool = False,
     num_parts: int | None = None,
     part_id: int | None = None,
@@ -694,7 +699,7 @@ def _run_one(
     batch_size: int,
     options: PostprocessOptions | None,
     eig_bounds: tuple[float, float] | None,
-    bf16: bool,
+    bf16: bool | None,
 ) -> CaseOutcome:
     """Segment one case of a batch; every error becomes a failed outcome (Ctrl-C still stops the batch)."""
     preview = None if prev_dir is None else prev_dir / f"{name}.png"

@@ -83,9 +83,13 @@ def segment_command(
         int, typer.Option(min=1, help="Slices per forward pass (memory vs speed).", rich_help_panel=_RUN)
     ] = 16,
     bf16: Annotated[
-        bool,
-        typer.Option("--bf16/--no-bf16", help="bfloat16 autocast for the networks.", rich_help_panel=_RUN),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--bf16/--no-bf16",
+            help="bfloat16 autocast for the networks (default: on where the device has native bf16).",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
     no_postprocess: Annotated[
         bool, typer.Option("--no-postprocess", help="Keep the raw network output.", rich_help_panel=_PP)
     ] = False,
