@@ -396,11 +396,14 @@ def test_same_level_keeps_the_second_kidney_over_a_larger_blob_below() -> None:
     mask[8:18, 10:18, 28:36] = True  # smaller kidney at the same level
     mask[40:55, 10:22, 14:26] = True  # a blob far below, larger than the second kidney (2160)
     plain, _ = keep_largest_components(mask, 2)
-    assert plain[45].any() and not plain[10, :, 28:36].any()
+    assert plain[45].any()
+    assert not plain[10, :, 28:36].any()
     kept, removed = keep_largest_components(mask, 2, same_level=True)
-    assert kept[10, :, 28:36].any() and kept[10, :, 2:12].any()
+    assert kept[10, :, 28:36].any()
+    assert kept[10, :, 2:12].any()
     assert not kept[40:].any()
-    assert len(removed) == 1 and "not at the level" in removed[0].reason
+    assert len(removed) == 1
+    assert "not at the level" in removed[0].reason
 
 
 def test_same_level_with_one_component_at_that_level_keeps_only_it() -> None:
@@ -408,5 +411,6 @@ def test_same_level_with_one_component_at_that_level_keeps_only_it() -> None:
     mask[5:20, 5:15, 5:15] = True
     mask[40:45, 5:8, 5:8] = True
     kept, removed = keep_largest_components(mask, 2, same_level=True)
-    assert kept[5:20].sum() == mask[5:20].sum() and not kept[40:].any()
+    assert kept[5:20].sum() == mask[5:20].sum()
+    assert not kept[40:].any()
     assert len(removed) == 1
