@@ -31,6 +31,7 @@ __all__ = [
     "default_file_mode",
     "write_bytes_atomic",
     "write_text_atomic",
+    "write_user_output",
 ]
 
 _UMASK_LOCK = threading.Lock()
@@ -121,4 +122,24 @@ def write_text_atomic(
     path = Path(path)
     with atomic_output(path) as tmp, open(tmp, "w", encoding=encoding, newline=newline) as fh:
         fh.write(text)
+    return path
+
+
+def write_user_output(path: str | os.PathLike[str], text: str, subject: str) -> Path:
+    """Write a user-facing output file atomically; an ``OSError`` becomes one clear ``OutputError``.
+
+    ``subject`` names the file in the message ("the report /x/a.json"). A failure before the temporary file
+    exists is the folder's fault, so the message then also says to choose a writable folder.
+    """
+    from .errors import OutputError
+
+    path = Path(path)
+    started = False
+    try:
+        with atomic_output(path) as tmp:
+            started = True
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        hint = "" if started else "; choose a writable folder"
+        raise OutputError(f"cannot write {subject}: {exc.strerror or exc}{hint}") from exc
     return path

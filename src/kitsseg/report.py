@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import write_user_output
 from .errors import OutputError
 
 if TYPE_CHECKING:
@@ -182,16 +182,13 @@ def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented JSON atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
-    started = False  # a failure before the temporary file exists is the folder's fault
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as tmp:
-            started = True
-            tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
-        hint = "" if started else "; choose a writable folder"
-        raise OutputError(f"cannot write the report {path}: {exc.strerror or exc}{hint}") from exc
-    return path
+        raise OutputError(
+            f"cannot write the report {path}: {exc.strerror or exc}; choose a writable folder"
+        ) from exc
+    return write_user_output(path, text, f"the report {path}")
 
 
 def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:

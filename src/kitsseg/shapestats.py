@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .atomic import atomic_output
+from .atomic import write_user_output
 from .errors import DatasetError, InputNotFoundError, OutputError
 from .postprocess import Unit, bounding_box, eigenvalue_ratio
 
@@ -294,12 +294,4 @@ def write_json(stats: ShapeStats, path: str | os.PathLike[str]) -> Path:
             f"cannot write {out}: folder {out.parent} does not exist; create it or choose another"
         )
     text = json.dumps(stats.to_dict(), indent=2, allow_nan=False) + "\n"
-    started = False  # a failure before the temporary file exists is the folder's fault
-    try:
-        with atomic_output(out) as tmp:
-            started = True
-            tmp.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        hint = "" if started else "; choose a writable folder"
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}{hint}") from exc
-    return out
+    return write_user_output(out, text, str(out))

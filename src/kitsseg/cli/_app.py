@@ -66,6 +66,22 @@ def one_line(message: object) -> str:
     return escape(re.sub(r"\s*\n\s*", " ", str(message)).strip())
 
 
+def count_progress(label: str | None = None, *, target: Console | None = None) -> Any:
+    """The one progress-bar layout of every command: label, bar, done/total, elapsed, detail.
+
+    ``label`` is a fixed text before the bar; without it each task's description stands there instead.
+    Transient, so only the final tables stay on the terminal. Imported lazily (rich.progress is not
+    needed for ``--help``).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns: list[Any] = [TextColumn(label) if label else TextColumn("{task.description}")]
+    columns += [BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    if label:
+        columns.append(TextColumn("{task.description}"))
+    return Progress(*columns, console=target or console, transient=True)
+
+
 def fail(message: str, code: int) -> NoReturn:
     """Print one red error line on stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)

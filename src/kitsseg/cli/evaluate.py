@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_BATCH_FAILED
-from ._app import app, console, fail
+from ._app import app, console, count_progress, fail
 
 if TYPE_CHECKING:
     from ..evaluate import EvaluationResult
@@ -125,20 +125,11 @@ def evaluate_command(
     ] = 2.0,
 ) -> None:
     """Score predictions against ground truth: Dice (KiTS regions), volumes, HD95, surface Dice."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..evaluate import evaluate
     from ..metrics import EMPTY_MASK_RULE
 
-    with Progress(
-        TextColumn("evaluating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    ) as bar:
+    with count_progress("evaluating") as bar:
         task = bar.add_task("", total=None)
 
         def advance(row: dict[str, Any]) -> None:

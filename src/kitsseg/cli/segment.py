@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import EXIT_BATCH_FAILED, KitssegError
-from ._app import app, console, err_console, fail
+from ._app import app, console, count_progress, err_console, fail
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -230,7 +230,6 @@ def _segment_file(
     continue_: bool,
     common: dict[str, Any],
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..report import report_table
     from ..segment import is_finished, load_model, report_path_for, segment
@@ -244,14 +243,7 @@ def _segment_file(
 
         raise InputNotFoundError(f"input {input_path} does not exist; check the path")
     model = load_model(weights, device, threads, download_progress=err_console)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
+    with count_progress(target=err_console) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -288,7 +280,6 @@ def _segment_folder(
     part_id: int | None,
     common: dict[str, Any],
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..report import batch_table
     from ..segment import CaseOutcome, segment_folder
@@ -299,14 +290,7 @@ def _segment_folder(
         raise OutputError(
             f"INPUT {input_dir} is a folder, so -o must be a folder too; {output_dir} is a file"
         )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
+    with count_progress(target=err_console) as bar:
         task = bar.add_task("segmenting", total=None)
 
         def start(case: str, index: int, total: int) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from ._app import app, console
+from ._app import app, console, count_progress
 
 if TYPE_CHECKING:
     from ..shapestats import ShapeStats
@@ -73,7 +73,6 @@ def stats_command(
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Cases read in parallel.")] = 1,
 ) -> None:
     """Eigenvalue-ratio statistics of the tumors in a labelled dataset (the tumor shape model)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..shapestats import CaseShapes, find_label_files, shape_stats, write_json
 
@@ -82,15 +81,7 @@ def stats_command(
 
         raise OutputError(f"cannot write {output}: folder {output.parent} does not exist; create it first")
     n_files = len(find_label_files(folder))
-    with Progress(
-        TextColumn("reading labels"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    ) as bar:
+    with count_progress("reading labels") as bar:
         task = bar.add_task("", total=n_files)
 
         def advance(case: CaseShapes) -> None:
