@@ -78,7 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paper", action="store_true", help="also measure the paper's 64-channel U-Net")
     p.add_argument("--json", type=Path, help="write all numbers to this JSON file")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
-    p.add_argument("--bf16", action="store_true", help="run the networks under bf16 autocast")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="force bf16 autocast for the networks")
+    precision.add_argument("--fp32", action="store_true", help="force float32 for the networks")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: as segment picks)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per layer shape (best is kept)")
@@ -223,7 +225,20 @@ def vm_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak RSS of this process (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    """Peak RSS of this process since it started its program.
+
+    Linux: ``VmHWM`` from ``/proc/self/status``. Not ``ru_maxrss``: that survives ``exec``, so a child
+    started by a parent holding 2 GB (the synthetic CT being built) reports the parent's 2 GB as its own
+    peak; the 2218 MB the first version of this script printed for every configuration was exactly that.
+    Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS), with that caveat.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
@@ -256,9 +271,19 @@ def child(spec: dict[str, Any]) -> None:
         threads=spec["threads"],
         batch_size=spec["batch_size"],
         bf16=spec["bf16"],
-        reference=spec["reference"],
     )
     wall = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    reference = None
+    if spec["reference"]:  # outside the timed call: a user's segment run has no reference labels
+        from kitsseg.metrics import dice, region_mask
+        from kitsseg.volume import load_labels
+
+        ref = load_labels(spec["reference"]).data
+        ours = load_labels(spec["output"]).data
+        reference = {
+            f"dice_{r}": dice(region_mask(ours, r), region_mask(ref, r)) for r in ("kidney_tumor", "tumor")
+        }
     pred = captured["pred"]
     kidney_slices = int(np.count_nonzero(pred.kidney_tumor_mask.any(axis=(1, 2))))
     import torch
@@ -267,7 +292,7 @@ def child(spec: dict[str, Any]) -> None:
         "wall_s": wall,
         "import_s": import_s,
         "rss_after_import_mb": rss_after_import,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak,
         "timings_s": result.report["timings_s"],
         "detail_s": dict(getattr(pred, "detail_timings", {})),  # absent before the speed work
         "shape_zrc": list(pred.kidney_tumor_mask.shape),
@@ -277,7 +302,8 @@ def child(spec: dict[str, Any]) -> None:
         "threads": torch.get_num_threads(),
         "device": result.report.get("device"),
         "notes": list(pred.notes),
-        "reference": result.report.get("reference"),
+        "bf16": bool(result.report.get("bf16")),
+        "reference": reference,
     }
     print(RESULT_MARK + json.dumps(out), flush=True)
 
@@ -405,7 +431,7 @@ def measure_floor(
             return model.eval().to(memory_format=torch.channels_last)
 
     bundle = load_bundle(weights, args.device)
-    used = "bf16" if args.bf16 else "fp32"
+    used = "bf16" if run.get("bf16", args.bf16) else "fp32"
     stages: dict[str, Any] = {}
     slices_run = {"kidney": run["shape_zrc"][0], "tumor": run["tumor_slices"]}
     for name in ("kidney", "tumor"):
@@ -545,12 +571,20 @@ def main(argv: list[str] | None = None) -> int:
 
     device = select_device(args.device)
     threads = set_threads(args.threads)
+    try:  # the allocator settings segment() applies: the layer timings of the floor get them too
+        from kitsseg.allocator import tune_cpu_allocator
+
+        allocator = tune_cpu_allocator() if device.type == "cpu" else False
+    except ImportError:  # a kitsseg from before them
+        allocator = None
     with tempfile.TemporaryDirectory(prefix="kitsseg-bench-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         print(f"kitsseg benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, ")
         print(
-            f"{threads} threads, device {device}, native bf16: {native_bf16(device)}, bf16 run: {args.bf16}"
+            f"{threads} threads, device {device}, native bf16: {native_bf16(device)}, precision: "
+            f"{'bf16' if args.bf16 else 'fp32' if args.fp32 else 'as segment picks (bf16 where native)'}, "
+            f"glibc allocator tuned (kitsseg.allocator): {allocator}"
         )
         reference = None
         if args.input is not None:
@@ -587,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": args.device,
                 "threads": threads,
                 "batch_size": args.batch_size,
-                "bf16": args.bf16,
+                "bf16": True if args.bf16 else False if args.fp32 else None,  # None: segment's default
                 "reference": None if reference is None else str(reference),
             }
             run = run_child(spec)
@@ -603,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": threads,
                 "device": str(device),
                 "native_bf16": native_bf16(device),
+                "allocator_tuned": allocator,
                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "input": input_info,
                 "results": results,

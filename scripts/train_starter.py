@@ -355,7 +355,9 @@ def main():
     ap.add_argument("--export", type=Path)
     ap.add_argument("--eig-bounds", default="1.07,2.8")
     ap.add_argument(
-        "--min-overlap", type=float, default=0.2,
+        "--min-overlap",
+        type=float,
+        default=0.2,
         help="tumor-in-kidney overlap threshold stored in the weights (chosen on validation slices)",
     )
     ap.add_argument("--minutes", type=float, default=40)

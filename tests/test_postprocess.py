@@ -414,3 +414,23 @@ def test_same_level_with_one_component_at_that_level_keeps_only_it() -> None:
     assert kept[5:20].sum() == mask[5:20].sum()
     assert not kept[40:].any()
     assert len(removed) == 1
+
+
+@pytest.mark.parametrize("shape", [(7, 9, 11), (5, 6), (12,), (1, 1, 1)])
+@pytest.mark.parametrize("pad", [0, 2])
+def test_bounding_box_matches_argwhere(shape: tuple[int, ...], pad: int) -> None:
+    from kitsseg.postprocess import bounding_box
+
+    rng = np.random.default_rng(len(shape) * 10 + pad)
+    for density in (0.0, 0.002, 0.05, 1.0):
+        mask = rng.random(shape) < density
+        box = bounding_box(mask, pad=pad)
+        if not mask.any():
+            assert box is None
+            continue
+        idx = np.argwhere(mask)
+        expected = tuple(
+            slice(max(int(lo) - pad, 0), min(int(hi) + 1 + pad, n))
+            for lo, hi, n in zip(idx.min(axis=0), idx.max(axis=0), shape, strict=True)
+        )
+        assert box == expected

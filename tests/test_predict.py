@@ -183,6 +183,31 @@ def test_probabilities_are_resized_before_thresholding() -> None:
     assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.95
 
 
+def test_skipping_empty_slices_gives_exactly_the_full_resize() -> None:
+    # The runner resizes only slices whose model-grid maximum exceeds the threshold. Slices just under,
+    # at and just over it, and a non-square grid with a row band, must match resizing every slice.
+    from kitsseg.predict import SquarePad, _StageRunner
+    from kitsseg.preprocess import resize
+
+    thr = torch.logit(torch.tensor(0.5)).item()
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1, 16, 32, generator=gen) - 8.0  # far below the threshold
+    logits[1, 0, 4, 7] = thr - 1e-4  # just under: exactly empty at full size
+    logits[2, 0, 4, 7] = thr  # at the threshold (sigmoid rounding decides; must agree either way)
+    logits[3, 0, 9:11, 20:22] = thr + 1e-3  # just over: a few pixels
+    logits[4] = torch.randn(1, 16, 32, generator=gen) * 4.0  # busy slice
+    square = SquarePad.for_shape(40, 64)
+    stage = StageModel(UNet(UNetConfig(in_channels=1, base_width=4, depth=1)), (16, 32), threshold=0.5)
+    runner = _StageRunner(stage, (0.0, 255.0), 4, torch.device("cpu"), False, square)
+    got = runner._masks(logits, (32, 64), 20)
+    probs = resize(torch.sigmoid(logits), (32, 64))[:, 0] > 0.5
+    expected = square.crop_rows(probs, 20).numpy()
+    assert got.dtype == np.bool_
+    assert got.shape == (6, 40, 64)
+    np.testing.assert_array_equal(got, expected)
+    assert [bool(m.any()) for m in got[[0, 1, 3, 4]]] == [False, False, True, True]
+
+
 def test_batch_size_does_not_change_the_result() -> None:
     rng = np.random.default_rng(0)
     ct = rng.uniform(-200, 400, size=(7, 48, 56)).astype(np.float32)

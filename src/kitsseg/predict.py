@@ -36,7 +36,7 @@ import torch
 from .checkpoint import StageModel, WeightsBundle
 from .errors import InvalidImageError
 from .fuse import fuse_conv_bn
-from .preprocess import BAND_FRACTION, band_height, band_start, resize, window
+from .preprocess import BAND_FRACTION, band_height, band_start, resize, window_
 
 #: ``progress(stage, done, total)``: ``stage`` is ``"kidney"`` or ``"tumor"``, counts are slices.
 ProgressFn = Callable[[str, int, int], None]
@@ -295,8 +295,9 @@ class _StageRunner:
         with torch.inference_mode():
             for start in range(0, len(indices), self.batch_size):
                 idx = indices[start : start + self.batch_size]
-                x = torch.from_numpy(np.ascontiguousarray(ct[idx], dtype=np.float32)).to(device).unsqueeze(1)
-                x = sq.pad(window(x, *self.hu_window))[:, :, r0:r1]
+                # ct[idx] (fancy indexing) is already a fresh copy: window it in place.
+                x = torch.from_numpy(np.asarray(ct[idx], dtype=np.float32)).to(device).unsqueeze(1)
+                x = sq.pad(window_(x, *self.hu_window))[:, :, r0:r1]
                 x = resize(x, stage.input_size).contiguous(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
                 with autocast:
@@ -304,9 +305,25 @@ class _StageRunner:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 self.net_seconds += time.perf_counter() - t0
-                probs = resize(torch.sigmoid(logits.float()), (r1 - r0, sq.side))
                 done += len(idx)
-                yield done, idx, sq.crop_rows(probs[:, 0] > stage.threshold, r0).cpu().numpy()
+                yield done, idx, self._masks(logits, (r1 - r0, sq.side), r0)
+
+    def _masks(self, logits: torch.Tensor, size: tuple[int, int], first_row: int) -> np.ndarray:
+        """Bool masks of one batch at the slices' own size: sigmoid, bilinear resize, then threshold.
+
+        Only slices with a probability above the threshold on the model grid are resized: bilinear
+        upsampling (``align_corners=False``) makes every output a convex combination of inputs, so it
+        cannot exceed the input's maximum, and the other slices' masks are exactly empty. Most slices of
+        a CT hold no kidney, so this skips most of the full-size work.
+        """
+        sq, threshold = self.square, self.stage.threshold
+        probs = torch.sigmoid(logits[:, :1].float())
+        hit = (probs.amax(dim=(1, 2, 3)) > threshold).nonzero().flatten()
+        out = torch.zeros((probs.shape[0], sq.height, sq.width), dtype=torch.bool)
+        if hit.numel():
+            up = resize(probs[hit], size)[:, 0] > threshold
+            out[hit.cpu()] = sq.crop_rows(up, first_row).cpu()
+        return out.numpy()
 
 
 @dataclass(frozen=True)

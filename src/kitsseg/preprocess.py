@@ -22,6 +22,13 @@ def window(hu: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return ((x.clamp(lo, hi) - lo) / float(hi - lo)).clamp_(0.0, 1.0)
 
 
+def window_(hu: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """:func:`window` in place on a float32 tensor the caller owns: one pass, no temporaries (inference)."""
+    if hu.dtype != torch.float32:
+        raise TypeError(f"window_ works in place on float32, got {hu.dtype}")
+    return hu.clamp_(lo, hi).sub_(lo).mul_(1.0 / float(hi - lo)).clamp_(0.0, 1.0)
+
+
 def resize(x: torch.Tensor, size: tuple[int, int], *, mode: str = "bilinear") -> torch.Tensor:
     """Resize a ``(N, C, H, W)`` batch; ``mode='nearest'`` for labels, bilinear for images/probabilities."""
     if tuple(x.shape[-2:]) == tuple(size):

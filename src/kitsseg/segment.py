@@ -69,12 +69,15 @@ def load_model(
     sha256 (and downloads a missing registry file unless offline; ``download_progress`` is its
     ``progress`` argument: ``False`` or a rich console).
     """
+    from .allocator import tune_cpu_allocator
     from .checkpoint import load_bundle
     from .device import describe, select_device, set_threads
     from .weights import resolve_weights, weights_sha256
 
     torch_device = select_device(device)
     n_threads = set_threads(threads)
+    if torch_device.type == "cpu":
+        tune_cpu_allocator()  # before anything big is allocated: see kitsseg.allocator
     path = resolve_weights(None if weights is None else str(weights), progress=download_progress)
     bundle = load_bundle(path, torch_device)
     meta = bundle.metadata
