@@ -164,19 +164,26 @@ def load_ct(path: str | os.PathLike[str], *, volume_index: int | None = None) ->
     # The float32 result and the stored values (read whole from .nii.gz, in their own dtype).
     _check_memory(path, n * (4 + dtype.itemsize), "as float32 HU")
     geometry = _geometry(img, path, index)
+    from .niftistream import can_stream, read_into_frame
+
+    slope, inter = _scaling(img) if index is None else (1.0, 0.0)
+    integer = index is None and dtype.kind in "iub"
     with _read_errors(path):
-        if index is None:
-            # Unscaled, in the stored dtype (int16 for most CTs): half the bytes of float32, and the cast
-            # to float32 happens inside the reordering copy instead of as a separate full-size pass.
-            raw = np.asanyarray(img.dataobj.get_unscaled()).reshape(shape3, order="A")
-            slope, inter = _scaling(img)
+        if index is None and can_stream(img, path):
+            # Decompression and reordering overlap, piece by piece (kitsseg.niftistream).
+            data, lo_hi = read_into_frame(
+                img, path, geometry.ornt, np.float32, lambda dst, src: _blocked_copy(dst, src, workers=1)
+            )
         else:
-            raw = np.asarray(img.dataobj[..., index], dtype=np.float32).reshape(shape3, order="A")
-            slope, inter = 1.0, 0.0
-    data = _to_frame(raw, geometry, np.float32)
-    integer = raw.dtype.kind in "iub"
-    lo_hi = (float(raw.min()), float(raw.max())) if integer and raw.size else None
-    del raw
+            if index is None:
+                # Unscaled, in the stored dtype (int16 for most CTs): the cast to float32 happens inside
+                # the reordering copy instead of as a separate full-size pass.
+                raw = np.asanyarray(img.dataobj.get_unscaled()).reshape(shape3, order="A")
+            else:
+                raw = np.asarray(img.dataobj[..., index], dtype=np.float32).reshape(shape3, order="A")
+            data = _to_frame(raw, geometry, np.float32)
+            lo_hi = (float(raw.min()), float(raw.max())) if integer and raw.size else None
+            del raw
     if (slope, inter) != (1.0, 0.0):
         data *= np.float32(slope)
         data += np.float32(inter)
@@ -420,7 +427,7 @@ def _to_frame(raw: np.ndarray, geometry: Geometry, dtype: type) -> np.ndarray:
     return _blocked_copy(np.empty(view.shape, dtype=dtype), view)
 
 
-def _blocked_copy(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+def _blocked_copy(dst: np.ndarray, src: np.ndarray, workers: int | None = None) -> np.ndarray:
     """``dst[...] = src`` for 3D arrays whose memory orders differ, copied in cache-sized blocks.
 
     Stored NIfTI arrays are Fortran-ordered, so for KiTS19 files the slice axis is the fastest in memory
@@ -438,7 +445,7 @@ def _blocked_copy(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
         for k, r, c in part:
             dst[k : k + bz, r : r + br, c : c + bc] = src[k : k + bz, r : r + br, c : c + bc]
 
-    workers = min(_copy_threads(), max(1, len(starts) // 64))
+    workers = min(workers or _copy_threads(), max(1, len(starts) // 64))
     if workers == 1:
         copy(starts)
         return dst
