@@ -88,7 +88,7 @@ def predict_volume(
     ct_hu_zrc: np.ndarray,
     bundle: WeightsBundle,
     *,
-    batch_size: int = 16,
+    batch_size: int = 8,
     device: torch.device | str | None = None,
     bf16: bool = False,
     progress: ProgressFn | None = None,

@@ -81,7 +81,7 @@ def segment_command(
     ] = None,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Slices per forward pass (memory vs speed).", rich_help_panel=_RUN)
-    ] = 16,
+    ] = 8,
     bf16: Annotated[
         bool | None,
         typer.Option(
