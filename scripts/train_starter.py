@@ -2,9 +2,9 @@
 
 Reproduce (about an hour on 2 CPU cores; resumable):
 
-    python scripts/train_starter.py --stage kidney --minutes 40
-    python scripts/train_starter.py --stage tumor --minutes 30
-    python scripts/train_starter.py --export src/kitsseg/assets/kitsseg-starter.pt
+    python scripts/train_starter.py --stage kidney --minutes 40   # phases: docs/starter-training/README.md
+    python scripts/train_starter.py --stage tumor --run-name tumor_v2 --minutes 16 --patience 8
+    python scripts/train_starter.py --export src/kitsseg/assets/kitsseg-starter.pt --tumor-run tumor_v2
 
 Data mapping and patient-level split: see ``starter_data.py``. Each stage checkpoints every epoch to
 ``runs/starter/<stage>/last.pt`` and resumes from it when run again; the best epoch by validation Dice is
@@ -217,12 +217,12 @@ def train_stage(args):
     tr_pos = torch.nonzero(pos & ~val).flatten()
     tr_neg = torch.nonzero(neg & ~val).flatten()
     va = torch.nonzero((pos | neg) & val).flatten()
-    out = RUN / args.stage
+    out = RUN / (args.run_name or args.stage)
     out.mkdir(parents=True, exist_ok=True)
     config = UNetConfig(base_width=args.width, depth=4, norm="batch", upsample="transpose")
     model = UNet(config).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=3)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=args.patience)
     gen = torch.Generator().manual_seed(args.seed)
     epoch, best = 0, -1.0
     if (out / "last.pt").exists():
@@ -236,7 +236,9 @@ def train_stage(args):
         if args.reset_lr:
             for group in opt.param_groups:
                 group["lr"] = args.reset_lr
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=3)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=0.5, patience=args.patience
+            )
             best = -1.0  # a new phase (new augmentation): select its best epoch afresh
         print(f"resumed {args.stage} at epoch {epoch}, best {best:.4f}", flush=True)
     print(f"{args.stage}: train pos {len(tr_pos)} neg {len(tr_neg)}, val {len(va)}", flush=True)
@@ -321,11 +323,12 @@ def train_stage(args):
         os.replace(out / "last.tmp", out / "last.pt")
 
 
-def export(path: Path, eig_bounds, min_overlap):
+def export(path: Path, eig_bounds, min_overlap, runs=None):
     stages = {}
     meta_stages = {}
+    runs = runs or {}
     for name, size in (("kidney", (256, 256)), ("tumor", (128, 256))):
-        f = RUN / name / "best.pt"
+        f = RUN / runs.get(name, name) / "best.pt"
         if not f.exists():
             continue
         ck = torch.load(f, weights_only=True)
@@ -335,7 +338,7 @@ def export(path: Path, eig_bounds, min_overlap):
         meta_stages[name] = {"epoch": int(ck["epoch"]), "val_dice": float(ck["val_dice"])}
     meta = {
         "name": "kitsseg-starter",
-        "version": "0.1.0",
+        "version": "0.2.0",
         "hu_window": list(WINDOW),
         "eig_bounds": list(eig_bounds),
         "eig_unit": "voxel",
@@ -390,13 +393,21 @@ def main():
         default=0.0,
         help="on resume, restart the LR schedule at this LR (a new training phase)",
     )
+    ap.add_argument("--run-name", help="checkpoint folder under runs/starter (default: the stage name)")
+    ap.add_argument("--patience", type=int, default=3, help="epochs without improvement before the LR halves")
+    ap.add_argument("--tumor-run", default="tumor", help="export: the run folder of the tumor model")
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     if args.export:
-        export(args.export, [float(v) for v in args.eig_bounds.split(",")], args.min_overlap)
+        export(
+            args.export,
+            [float(v) for v in args.eig_bounds.split(",")],
+            args.min_overlap,
+            {"tumor": args.tumor_run},
+        )
     elif args.stage:
         train_stage(args)
     else:
