@@ -203,9 +203,43 @@ def evaluate(model, stage, idx, img, kt, tu, gen, threshold=0.5):
     return sum(losses) / max(len(idx), 1), dice
 
 
+#: Training slices without kidney that show the pelvis (iliac wings, sacrum, femoral heads, bladder), picked
+#: by eye from montages of all 276 training negatives: (source, patient group). The kidney model's worst
+#: false positive is the urinary bladder (docs/model-card.md); ``--pelvic-neg`` draws extra negatives here.
+PELVIC_NEGATIVES = (
+    {
+        ("kits23_slice50", f"kits_{c}")
+        for c in (
+            11,
+            39,
+            48,
+            74,
+            75,
+            97,
+            119,
+            122,
+            129,
+            130,
+            151,
+            165,
+            187,
+            213,
+            222,
+            242,
+            259,
+            260,
+            282,
+            296,
+        )
+    }
+    | {("kits23_mid", f"kits_{c}") for c in (39, 86, 187, 222, 223, 226, 242, 245, 259, 277)}
+    | {("curvas", "curvas_10002")}
+)
+
+
 def train_stage(args):
     torch.manual_seed(args.seed)
-    img, kt, tu, val, _ = prepare(args.seed, args.val_fraction)
+    img, kt, tu, val, slices = prepare(args.seed, args.val_fraction)
     has_kt = kt.flatten(1).amax(1) > 0
     has_tu = tu.flatten(1).amax(1) > 0
     if args.stage == "kidney":
@@ -216,6 +250,10 @@ def train_stage(args):
         neg_per_batch = args.tumor_neg
     tr_pos = torch.nonzero(pos & ~val).flatten()
     tr_neg = torch.nonzero(neg & ~val).flatten()
+    pelvic = torch.tensor(
+        [(str(a), str(b)) in PELVIC_NEGATIVES for a, b in zip(slices.source, slices.group, strict=True)]
+    )
+    tr_pelvic = torch.nonzero(pelvic & neg & ~val).flatten()
     va = torch.nonzero((pos | neg) & val).flatten()
     out = RUN / (args.run_name or args.stage)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +279,10 @@ def train_stage(args):
             )
             best = -1.0  # a new phase (new augmentation): select its best epoch afresh
         print(f"resumed {args.stage} at epoch {epoch}, best {best:.4f}", flush=True)
-    print(f"{args.stage}: train pos {len(tr_pos)} neg {len(tr_neg)}, val {len(va)}", flush=True)
+    print(
+        f"{args.stage}: train pos {len(tr_pos)} neg {len(tr_neg)} (pelvic {len(tr_pelvic)}), val {len(va)}",
+        flush=True,
+    )
     deadline = time.time() + args.minutes * 60
     n_neg = int(round(args.batch * neg_per_batch))
     steps = (
@@ -258,6 +299,9 @@ def train_stage(args):
         for s in range(int(steps)):
             pi = perm[(s * k) % len(perm) :][:k]
             ni = tr_neg[torch.randint(len(tr_neg), (n_neg,), generator=gen)]
+            n_pel = int(round(n_neg * args.pelvic_neg)) if len(tr_pelvic) else 0
+            if n_pel:  # replace part of the negatives by pelvic ones
+                ni[:n_pel] = tr_pelvic[torch.randint(len(tr_pelvic), (n_pel,), generator=gen)]
             x, y = batch_for(
                 args.stage,
                 torch.cat([pi, ni]),
@@ -393,9 +437,16 @@ def main():
         default=0.0,
         help="on resume, restart the LR schedule at this LR (a new training phase)",
     )
+    ap.add_argument(
+        "--pelvic-neg",
+        type=float,
+        default=0.0,
+        help="kidney stage: fraction of each batch's negatives drawn from PELVIC_NEGATIVES",
+    )
     ap.add_argument("--run-name", help="checkpoint folder under runs/starter (default: the stage name)")
     ap.add_argument("--patience", type=int, default=3, help="epochs without improvement before the LR halves")
     ap.add_argument("--tumor-run", default="tumor", help="export: the run folder of the tumor model")
+    ap.add_argument("--kidney-run", default="kidney", help="export: the run folder of the kidney model")
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
@@ -406,7 +457,7 @@ def main():
             args.export,
             [float(v) for v in args.eig_bounds.split(",")],
             args.min_overlap,
-            {"tumor": args.tumor_run},
+            {"tumor": args.tumor_run, "kidney": args.kidney_run},
         )
     elif args.stage:
         train_stage(args)
