@@ -79,3 +79,14 @@ def test_truncated_stream_is_one_clear_error(tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
     with pytest.raises(InvalidImageError, match="not a readable NIfTI"):
         load_ct(cut)
+
+
+@pytest.mark.parametrize("dtype", [">i2", ">f4"])
+def test_big_endian_storage(tmp_path: Path, dtype: str) -> None:
+    arr = np.random.default_rng(7).integers(-1000, 1000, size=(9, 8, 7)).astype(dtype)
+    img = nib.Nifti1Image(arr, np.diag([0.8, 0.8, 2.0, 1.0]), header=nib.Nifti1Header(endianness=">"))
+    img.set_data_dtype(np.dtype(dtype))
+    path = tmp_path / "be.nii.gz"
+    nib.save(img, str(path))
+    assert nib.load(str(path)).get_data_dtype() == np.dtype(dtype)
+    np.testing.assert_array_equal(load_ct(path).data, _frame_by_nibabel(path))
