@@ -446,6 +446,16 @@ def measure_floor(
         # run's: a floor measured at one batch alone can be slower than the network itself (seen at
         # batch 16, where outputs above glibc's 32 MB mmap threshold page-fault in every call).
         rows = layer_throughput(layers, args.batch_size, precisions, args.reps)
+        at_run_batch = (
+            sum(  # the floor with the run's batch size alone (session 1's definition)
+                r["count"]
+                * r["flops_per_batch"]
+                / args.batch_size
+                / max(r["fp32_gflops"], r[f"{used}_gflops"])
+                for r in rows
+            )
+            / 1e9
+        )
         for batch in sorted(set(FLOOR_BATCHES) - {args.batch_size}):
             for row, other in zip(rows, layer_throughput(layers, batch, precisions, args.reps), strict=True):
                 for p in precisions:
@@ -471,6 +481,7 @@ def measure_floor(
             "floor_s_per_slice": floor_slice,
             "conv_gflops": {p: flops_slice / t / 1e9 for p, t in by_precision.items() if t > 0},
             "floor_s": floor_slice * n,
+            "floor_s_at_run_batch": at_run_batch * n,
             "layers": rows,
         }
     return stages
@@ -484,6 +495,7 @@ def summarise(label: str, note: str, run: dict[str, Any], stages: dict[str, Any]
     d = run["detail_s"]
     nets = d.get("kidney_net", 0.0) + d.get("tumor_net", 0.0)
     floor = sum(s["floor_s"] for s in stages.values())
+    floor_run_batch = sum(s.get("floor_s_at_run_batch", s["floor_s"]) for s in stages.values())
     gflop = sum(s["gflop_run"] for s in stages.values())
     around = t.get("kidney", 0.0) + t.get("tumor", 0.0) - nets - d.get("prepare", 0.0)
     if d:
@@ -513,6 +525,8 @@ def summarise(label: str, note: str, run: dict[str, Any], stages: dict[str, Any]
         "floor_s": floor,
         "wall_s": run["wall_s"],
         "wall_over_floor": run["wall_s"] / floor if floor > 0 else None,
+        "floor_s_at_run_batch": floor_run_batch,
+        "wall_over_floor_at_run_batch": run["wall_s"] / floor_run_batch if floor_run_batch > 0 else None,
         "nets_over_floor": nets / floor if floor > 0 and d else None,
         "slices_per_s": n_slices / run["wall_s"],
         "peak_rss_mb": run["peak_rss_mb"],
@@ -561,6 +575,10 @@ def print_summary(s: dict[str, Any], input_info: dict[str, Any]) -> None:
         f"\nFLOPs executed {s['gflop_executed']:.1f} GFLOP; floor {s['floor_s']:.2f} s; "
         f"wall / floor {s['wall_over_floor']:.2f} (networks alone / floor {_fmt(s['nets_over_floor'])}); "
         f"{s['slices_per_s']:.2f} slices/s"
+    )
+    print(
+        f"(floor from the run's batch size alone: {s['floor_s_at_run_batch']:.2f} s, "
+        f"wall / that floor {_fmt(s['wall_over_floor_at_run_batch'])})"
     )
     print(
         f"peak RSS {s['peak_rss_mb']:.0f} MB (after imports {run['rss_after_import_mb']:.0f} MB) "
