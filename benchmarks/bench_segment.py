@@ -215,15 +215,21 @@ def native_bf16(device: Any) -> bool:
     return check(device)
 
 
-def vm_rss_mb() -> float:
+def _status_mb(field: str) -> float | None:
+    """A memory line (``VmRSS``, ``VmHWM``) of ``/proc/self/status`` in MB; None where there is none."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def vm_rss_mb() -> float:
+    value = _status_mb("VmRSS")
+    return float("nan") if value is None else value
 
 
 def peak_rss_mb() -> float:
@@ -234,13 +240,9 @@ def peak_rss_mb() -> float:
     peak; the 2218 MB the first version of this script printed for every configuration was exactly that.
     Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS), with that caveat.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    value = _status_mb("VmHWM")
+    if value is not None:
+        return value
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
