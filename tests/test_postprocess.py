@@ -434,3 +434,42 @@ def test_bounding_box_matches_argwhere(shape: tuple[int, ...], pad: int) -> None
             for lo, hi, n in zip(idx.min(axis=0), idx.max(axis=0), shape, strict=True)
         )
         assert box == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_postprocess_on_its_crop_equals_the_steps_on_the_full_volume(seed: int) -> None:
+    """The pipeline crops once to both masks' box; labels and reported positions must not change.
+
+    Reference: each public step on the full volume, chained as the paper orders them. Blobs lie away
+    from the origin (so a missing shift of bbox/centroid shows) and one touches the volume's edge.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (40, 64, 72)
+    kt = ndimage.binary_opening(rng.random(shape) > 0.93, iterations=1)
+    kt[10:20, 20:34, 30:44] = True
+    kt[14:17, 25:29, 35:39] = False  # a cavity to fill
+    kt[30:40, 50:64, 60:72] = True  # touches three volume edges
+    tumor = np.zeros(shape, dtype=bool)
+    tumor[12:16, 22:30, 30:42] = True  # eigenvalue ratio (12/8)^2 = 2.25: a tumor shape
+    tumor[31:35, 52:58, 61:70] = True
+    tumor[2:4, 3:5, 5:7] = True  # outside every kidney: removed by the overlap filter
+    opts = PostprocessOptions(min_overlap=0.95)
+    spacing = (2.0, 0.8, 0.9)
+
+    ref_kt, dropped = keep_largest_components(fill_holes(kt), 2, 3, spacing=spacing, same_level=True)
+    ref_t, ref_kept, ref_removed = filter_tumors(fill_holes(tumor), ref_kt, min_overlap=0.95, spacing=spacing)
+    expected = merge_labels(ref_kt, ref_t)
+
+    result = postprocess(kt, tumor, opts, spacing)
+    np.testing.assert_array_equal(result.labels, expected)
+    assert result.labels.shape == shape
+    assert [c.to_dict() for c in result.tumors] == [c.to_dict() for c in ref_kept]
+    assert [c.to_dict() for c in result.removed] == [c.to_dict() for c in dropped + ref_removed]
+    assert result.tumors, "the scene must keep a tumor for the positions to be compared"
+
+
+def test_postprocess_of_empty_masks_is_all_background() -> None:
+    empty = np.zeros((5, 6, 7), dtype=bool)
+    result = postprocess(empty, empty)
+    assert result.labels.dtype == np.uint8 and result.labels.shape == (5, 6, 7)
+    assert not result.labels.any() and result.removed == [] and result.tumors == []

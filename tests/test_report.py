@@ -33,6 +33,21 @@ def test_side_volumes_split_columns_at_the_midline() -> None:
     assert vols["left"] == pytest.approx({"kidney_ml": 8e-3, "tumor_ml": 1e-3, "total_ml": 9e-3})
 
 
+@pytest.mark.parametrize("cols", [(0, 3), (2, 9), (5, 11), (6, 9), (0, 11)])
+def test_side_volumes_on_the_labels_box_equals_counting_everything(cols: tuple[int, int]) -> None:
+    """Counting only inside the labels' bounding box must split the sides exactly as the whole volume."""
+    rng = np.random.default_rng(cols[0] * 31 + cols[1])
+    labels = np.zeros((3, 7, 11), dtype=np.uint8)
+    labels[1:3, 2:6, cols[0] : cols[1]] = rng.integers(0, 3, size=(2, 4, cols[1] - cols[0]))
+    half = 6  # columns 0..5 lie below 11 / 2: the patient's right
+    vols = side_volumes(labels, (1.0, 1.0, 1.0))  # 1 uL per voxel
+    for side, part in (("right", labels[..., :half]), ("left", labels[..., half:])):
+        assert vols[side]["kidney_ml"] == pytest.approx(np.count_nonzero(part == 1) * 1e-3)
+        assert vols[side]["tumor_ml"] == pytest.approx(np.count_nonzero(part == 2) * 1e-3)
+    empty = side_volumes(np.zeros((2, 3, 4), dtype=np.uint8), (1.0, 1.0, 1.0))
+    assert empty["right"]["total_ml"] == 0.0 and empty["left"]["total_ml"] == 0.0
+
+
 def _report(labels: np.ndarray, reference: dict | None = None) -> dict:
     tumor = Component(
         label=1,

@@ -386,21 +386,69 @@ def filter_tumors(
     t = _as_mask(tumor, "tumor")
     kt = _as_mask(kidney_tumor, "kidney_tumor")
     _same_grid(t, kt)
+    sp = _check_spacing(spacing, t.ndim)
+    _check_shape_test(eig_bounds, unit, sp)
+    return _filter_labelled(
+        _TumorLabels.of(t, connectivity),
+        kt,
+        eig_bounds=eig_bounds,
+        min_overlap=min_overlap,
+        min_voxels=min_voxels,
+        unit=unit,
+        spacing=sp,
+    )
+
+
+def _check_shape_test(
+    eig_bounds: tuple[float, float] | None, unit: Unit, sp: tuple[float, ...] | None
+) -> None:
+    """The shape test's arguments, checked before any work (also for :func:`postprocess`)."""
     if eig_bounds is not None and not eig_bounds[0] <= eig_bounds[1]:
         raise ValueError(f"eig_bounds must be (low, high) with low <= high, got {eig_bounds!r}")
-    sp = _check_spacing(spacing, t.ndim)
     if unit == "mm" and eig_bounds is not None and sp is None:
         raise ValueError("unit='mm' needs the voxel spacing (z, row, col) in mm; pass spacing=...")
-    box = bounding_box(t)
-    if box is None:
-        return np.zeros(t.shape, dtype=bool), [], []
-    labels, n = _label(t[box], connectivity)
+
+
+@dataclass(frozen=True)
+class _TumorLabels:
+    """A tumor mask's 3D labelling on its bounding box: computed apart from the judging, so that
+    :func:`postprocess` can label on its second thread while the kidney steps run."""
+
+    shape: tuple[int, ...]
+    box: tuple[slice, ...] | None
+    labels: np.ndarray | None = None
+    objects: list[tuple[slice, ...]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, mask: np.ndarray, connectivity: int) -> _TumorLabels:
+        box = bounding_box(mask)
+        if box is None:
+            return cls(mask.shape, None)
+        labels, _ = _label(mask[box], connectivity)
+        return cls(mask.shape, box, labels, list(ndimage.find_objects(labels)))
+
+
+def _filter_labelled(
+    tl: _TumorLabels,
+    kt: np.ndarray,
+    *,
+    eig_bounds: tuple[float, float] | None,
+    min_overlap: float | None,
+    min_voxels: int,
+    unit: Unit,
+    spacing: tuple[float, ...] | None,
+) -> tuple[np.ndarray, list[Component], list[Component]]:
+    """:func:`filter_tumors` on a labelled tumor mask (same rules, same results)."""
+    sp = spacing
+    if tl.box is None or tl.labels is None:
+        return np.zeros(tl.shape, dtype=bool), [], []
+    box, labels, n = tl.box, tl.labels, len(tl.objects)
     kt_crop = kt[box]
     offset = tuple(s.start for s in box)
     keep = np.zeros(n + 1, dtype=bool)
     kept: list[Component] = []
     removed: list[Component] = []
-    for idx, sub in enumerate(ndimage.find_objects(labels), start=1):
+    for idx, sub in enumerate(tl.objects, start=1):
         comp, local, coords = _describe(labels, idx, sub, offset, sp, kind="tumor")
         overlap = float(kt_crop[sub][local].mean())
         measurable = comp.voxels >= min_voxels and (unit == "voxel" or sp is not None)
@@ -420,7 +468,7 @@ def filter_tumors(
             if sp is not None:  # only kept tumors are measured: they are few and go into reports
                 comp = dataclasses.replace(comp, max_axial_diameter_mm=max_axial_diameter(local, sp))
             kept.append(comp)
-    out = np.zeros(t.shape, dtype=bool)
+    out = np.zeros(tl.shape, dtype=bool)
     out[box] = keep[labels]
     return out, kept, removed
 
@@ -559,15 +607,31 @@ def postprocess(
     when ``spacing`` is given); ``removed`` lists everything dropped, each with its reason.
     """
     opts = options or PostprocessOptions()
-    kt = _as_mask(kidney_tumor_mask, "kidney_tumor_mask")
-    t = _as_mask(tumor_mask, "tumor_mask")
-    _same_grid(kt, t)
+    kt_full = _as_mask(kidney_tumor_mask, "kidney_tumor_mask")
+    t_full = _as_mask(tumor_mask, "tumor_mask")
+    _same_grid(kt_full, t_full)
     sp = _check_spacing(spacing, 3)
+    _check_shape_test(opts.eig_bounds if opts.tumor_shape else None, opts.unit, sp)
+    _structure(opts.connectivity)  # a bad connectivity fails here, not on a worker thread
+    labels = np.zeros(kt_full.shape, dtype=np.uint8)  # calloc: pages outside the box are never touched
+    box = _union_box(bounding_box(kt_full, pad=1), bounding_box(t_full, pad=1))
+    if box is None:
+        return PostprocessResult(labels=labels)
+    # Every step is exact on a crop that keeps one background voxel around both masks (or reaches the
+    # volume's edge, which is the edge for the full volume too), and the masks are a few percent of a CT:
+    # the steps, their temporaries and the merge all work on that crop only.
+    kt, t = kt_full[box], t_full[box]
+    offset = tuple(s.start for s in box)
     removed: list[Component] = []
+
     # The tumor mask's hole filling does not depend on the kidney steps: it runs on a second thread
     # (scipy's labelling releases the GIL), beside the kidney mask's filling and component selection.
+    def tumor_side() -> tuple[np.ndarray, _TumorLabels]:
+        filled = fill_holes(t) if opts.fill_holes else t
+        return filled, _TumorLabels.of(filled, opts.connectivity)
+
     with ThreadPoolExecutor(1, thread_name_prefix="kitsseg-post") as pool:
-        t_filled = pool.submit(fill_holes, t) if opts.fill_holes else None
+        t_side = pool.submit(tumor_side)
         if opts.fill_holes:
             kt = fill_holes(kt)
         if opts.keep_kidneys:
@@ -579,17 +643,15 @@ def postprocess(
                 same_level=opts.kidneys_same_level,
             )
             removed.extend(dropped)
-        if t_filled is not None:
-            t = t_filled.result()
+        t, t_labels = t_side.result()
     filtering = opts.tumor_shape or opts.tumor_overlap
-    t_out, tumors, dropped = filter_tumors(
-        t,
+    t_out, tumors, dropped = _filter_labelled(
+        t_labels,
         kt,
         eig_bounds=opts.eig_bounds if opts.tumor_shape else None,
         min_overlap=(opts.min_overlap if opts.min_overlap is not None else PAPER_MIN_OVERLAP)
         if opts.tumor_overlap
         else None,
-        connectivity=opts.connectivity,
         min_voxels=opts.min_tumor_voxels if filtering else 0,
         unit=opts.unit,
         spacing=sp,
@@ -597,4 +659,27 @@ def postprocess(
     if filtering:
         t = t_out
         removed.extend(dropped)
-    return PostprocessResult(labels=merge_labels(kt, t), removed=removed, tumors=tumors)
+    labels[box] = merge_labels(kt, t)
+    return PostprocessResult(
+        labels=labels,
+        removed=[_shifted(c, offset) for c in removed],
+        tumors=[_shifted(c, offset) for c in tumors],
+    )
+
+
+def _union_box(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
+    """The smallest box holding both boxes (either may be ``None``: no voxels)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b, strict=True))
+
+
+def _shifted(comp: Component, offset: tuple[int, ...]) -> Component:
+    """``comp`` measured on a crop, moved to the full frame (bbox and centroid; the rest does not move)."""
+    if not any(offset):
+        return comp
+    return dataclasses.replace(
+        comp,
+        bbox=tuple((a + o, b + o) for (a, b), o in zip(comp.bbox, offset, strict=True)),
+        centroid=tuple(c + o for c, o in zip(comp.centroid, offset, strict=True)),
+    )

@@ -40,12 +40,18 @@ def side_volumes(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, dict
     Split by voxel column at ``n_cols / 2`` (see the module docstring), so a kidney that crosses the
     midline (horseshoe kidney) is shared between the sides rather than assigned whole to one.
     """
+    from .postprocess import bounding_box
+
     labels = np.asarray(labels)
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     n_cols = labels.shape[-1]
     half = (n_cols + 1) // 2  # columns < n_cols / 2 (integers): 0 .. ceil(n/2) - 1
+    box = bounding_box(labels)  # a few percent of a CT: count there, not over the whole volume
+    crop = labels[box] if box is not None else labels[:0]
+    col0 = box[-1].start if box is not None else 0
+    cut = min(max(half - col0, 0), crop.shape[-1])
     out: dict[str, dict[str, float]] = {}
-    for side, part in (("right", labels[..., :half]), ("left", labels[..., half:])):
+    for side, part in (("right", crop[..., :cut]), ("left", crop[..., cut:])):
         kidney = int(np.count_nonzero(part == 1)) * voxel_ml
         tumor = int(np.count_nonzero(part == 2)) * voxel_ml
         out[side] = {"kidney_ml": kidney, "tumor_ml": tumor, "total_ml": kidney + tumor}

@@ -572,14 +572,37 @@ def save_labels(labels: np.ndarray, like: Volume, path: str | os.PathLike[str]) 
     # nibabel leaves them alone and only updates the shape (a 4D input gives 3D labels) and dtype.
     header = geometry.header.copy()
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    # nibabel writes Fortran order; reorder in cache-sized blocks rather than with np.asfortranarray.
-    stored_f = _blocked_copy(np.empty(out.shape, dtype=np.uint8, order="F"), out)
+    stored_f = _to_stored_order(stored, geometry.ornt, out.shape)
     img = klass(stored_f, None, header=header)
     img.header.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0  # the CT's display range would hide labels
     _atomic_save(img, path)
     return path
+
+
+def _to_stored_order(frame: np.ndarray, ornt: np.ndarray, stored_shape: tuple[int, ...]) -> np.ndarray:
+    """Frame labels in the file's array layout, Fortran-ordered as nibabel writes them.
+
+    Labels are a few percent of a CT: the result starts as zeros (calloc: pages are not touched) and only
+    the labels' bounding box is reordered into it, in cache-sized blocks (:func:`_blocked_copy`), so the
+    cost follows the box, not the volume (a 300x512x512 mask: 0.13 s for the whole volume).
+    """
+    from nibabel.orientations import apply_orientation
+
+    from .postprocess import bounding_box
+
+    out = np.zeros(stored_shape, dtype=np.uint8, order="F")
+    box = bounding_box(frame)
+    if box is None:
+        return out
+    inverse = _inverse_ornt(ornt)
+    stored_box: list[slice] = [slice(0)] * 3
+    for axis, (to_axis, flip) in enumerate(inverse):  # apply_orientation: flip each axis, then transpose
+        sl, n = box[axis], frame.shape[axis]
+        stored_box[int(to_axis)] = slice(n - sl.stop, n - sl.start) if flip == -1 else sl
+    _blocked_copy(out[tuple(stored_box)], apply_orientation(frame[box], inverse))
+    return out
 
 
 def write_frame(
