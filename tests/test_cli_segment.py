@@ -84,6 +84,7 @@ def test_file_mode_options_reach_the_report(tmp_path: Path, weights: Path) -> No
             rep,
             "--no-tumor-shape",
             "--no-fill-holes",
+            "--no-kidney-pairs",
             "--eig-bounds",
             "1.2,3",
             "--batch-size",
@@ -98,6 +99,7 @@ def test_file_mode_options_reach_the_report(tmp_path: Path, weights: Path) -> No
     assert pp["tumor_shape"] is False
     assert pp["fill_holes"] is False
     assert pp["keep_kidneys"] is True
+    assert pp["kidney_pairs"] is False
     assert pp["eig_bounds"] == [1.2, 3.0]
     assert report["batch_size"] == 3
     assert report["bf16"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -471,5 +472,117 @@ def test_postprocess_on_its_crop_equals_the_steps_on_the_full_volume(seed: int) 
 def test_postprocess_of_empty_masks_is_all_background() -> None:
     empty = np.zeros((5, 6, 7), dtype=bool)
     result = postprocess(empty, empty)
-    assert result.labels.dtype == np.uint8 and result.labels.shape == (5, 6, 7)
-    assert not result.labels.any() and result.removed == [] and result.tumors == []
+    assert result.labels.dtype == np.uint8
+    assert result.labels.shape == (5, 6, 7)
+    assert not result.labels.any()
+    assert result.removed == []
+    assert result.tumors == []
+
+
+# --------------------------------------------------------------------------------------------- kidney pairs
+
+SPACING_PAIRS = (3.0, 3.0, 3.0)
+
+
+def _pair_scene() -> np.ndarray:
+    """Two kidney parts on either half at one level, and a larger unpaired midline blob lower down."""
+    mask = np.zeros((60, 50, 60), dtype=bool)
+    mask[5:20, 20:32, 6:18] = True  # patient's right kidney part: 2160 voxels
+    mask[8:16, 22:30, 42:50] = True  # left kidney part: 512 voxels, centroids 108 mm apart
+    mask[35:50, 8:22, 24:36] = True  # bladder-like blob on the midline, 2520 voxels: the largest
+    return mask
+
+
+def test_pairs_anchor_on_the_kidney_pair_not_the_larger_unpaired_blob() -> None:
+    mask = _pair_scene()
+    plain, _ = keep_largest_components(mask, 2, spacing=SPACING_PAIRS, same_level=True)
+    assert plain[40, 15, 30]
+    assert not plain[10, 25, 10]
+    kept, removed = keep_largest_components(mask, 2, spacing=SPACING_PAIRS, same_level=True, pairs=True)
+    assert kept[10, 25, 10]
+    assert kept[10, 25, 45]
+    assert not kept[35:].any()
+    assert len(removed) == 1
+    assert "without a partner" in removed[0].reason
+    assert removed[0].voxels == 2520
+
+
+def test_pairs_keep_a_solitary_kidney_over_a_pair_of_small_false_positives() -> None:
+    mask = np.zeros((60, 50, 60), dtype=bool)
+    mask[5:25, 15:35, 5:20] = True  # one kidney (solitary), 6000 voxels
+    mask[40:44, 20:30, 10:20] = True  # a pair of false positives lower down: 400 voxels each, under
+    mask[40:44, 20:30, 40:50] = True  # a quarter of the kidney, so they cannot take the anchor
+    kept, _ = keep_largest_components(mask, 2, spacing=SPACING_PAIRS, same_level=True, pairs=True)
+    assert kept[10, 20, 10]
+    assert not kept[40:].any()
+
+
+def test_pairs_need_lateral_distance_and_the_other_half() -> None:
+    mask = _pair_scene()
+    mask[:, :, 42:50] = False
+    mask[8:16, 22:30, 20:26] = True  # the "partner" now lies on the same half: no pair, blob stays anchor
+    kept, _ = keep_largest_components(mask, 2, spacing=SPACING_PAIRS, same_level=True, pairs=True)
+    assert kept[40, 15, 30]
+    near = _pair_scene()
+    near[:, :, 42:50] = False
+    near[8:16, 22:30, 31:35] = True  # other half, but centroids 63 voxels * 0.5 mm apart: too close
+    kept, _ = keep_largest_components(near, 2, spacing=(3.0, 0.5, 0.5), same_level=True, pairs=True)
+    assert kept[40, 15, 30]
+
+
+def test_pairs_use_the_frame_halves_for_a_cropped_mask() -> None:
+    """postprocess works on a crop: the image halves must stay those of the whole CT."""
+    mask = np.zeros((60, 50, 200), dtype=bool)
+    mask[5:20, 20:32, 70:82] = True  # right kidney part, left of column 100
+    mask[8:16, 22:30, 122:130] = True  # left kidney part
+    mask[35:50, 8:22, 88:100] = True  # the largest blob, just right of the midline
+    crop = mask[:, :, 60:140]  # a crop whose own middle column (40 -> frame 100) still splits them
+    off = mask[:, :, 20:140]  # middle column 60 -> frame 80: would put the blob on the other half
+    a, _ = keep_largest_components(
+        off, 2, spacing=SPACING_PAIRS, same_level=True, pairs=True, frame_cols=(20, 200)
+    )
+    b, _ = keep_largest_components(crop, 2, spacing=SPACING_PAIRS, same_level=True, pairs=True)
+    np.testing.assert_array_equal(a[:, :, 40:], b)
+    assert a[10, 25, 55]
+    assert a[10, 25, 105]
+    assert not a[40].any()
+
+
+def test_postprocess_switches_pairs_off() -> None:
+    mask = _pair_scene()
+    tumor = np.zeros_like(mask)
+    on = postprocess(mask, tumor, PostprocessOptions(), SPACING_PAIRS).labels
+    off = postprocess(mask, tumor, PostprocessOptions(kidney_pairs=False), SPACING_PAIRS).labels
+    assert on[10, 25, 45] == 1
+    assert on[40, 15, 30] == 0
+    assert off[40, 15, 30] == 1
+    assert off[10, 25, 45] == 0
+
+
+_KITS19_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kits19-labels"
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+@pytest.mark.skipif(not _KITS19_LABELS.is_dir(), reason="needs ../shared/data/kits19-labels")
+def test_pairs_rule_leaves_every_kits19_label_map_unchanged() -> None:
+    """The rule must never move the anchor on real anatomy: 209 official label maps, solitary and
+    horseshoe kidneys among them, keep exactly what "largest first" keeps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kitsseg.volume import load_labels
+
+    files = sorted(_KITS19_LABELS.glob("case_*.nii.gz"))
+    assert len(files) >= 200
+
+    def moved_anchor(path: Path) -> bool:
+        vol = load_labels(path)
+        # One labelling per case (the suite's time): the anchor stayed the largest component exactly
+        # when no component was dropped for lacking a partner, and then the result is "largest first".
+        kept = vol.data > 0
+        _, removed = keep_largest_components(kept, 2, spacing=vol.spacing, same_level=True, pairs=True)
+        return any("without a partner" in c.reason for c in removed)
+
+    with ThreadPoolExecutor(2) as pool:  # decompression and labelling release the GIL
+        moved = [p.name for p, bad in zip(files, pool.map(moved_anchor, files), strict=True) if bad]
+    assert moved == []

@@ -38,6 +38,15 @@ Spacing = Sequence[float]
 PAPER_EIG_BOUNDS = (1.07, 2.8)
 #: The paper's tumor-in-kidney overlap threshold (weights may carry their own, measured on validation).
 PAPER_MIN_OVERLAP = 0.95
+#: Least lateral distance (mm) between the centroids of two components that form a left/right kidney pair.
+#: In the 209 KiTS19 labels the two largest kidney+tumor components are 75.6 mm apart or more (median 149)
+#: whenever both are kidneys (REFERENCE section 2 data; ``docs/model-card.md``).
+PAIR_MIN_LATERAL_MM = 50.0
+#: A pair replaces an unpaired largest component as the anchor only if its larger member is at least this
+#: fraction of that component's voxels: a kidney pair of specks never outranks a real solitary kidney.
+PAIR_MIN_ANCHOR_FRACTION = 0.25
+#: A partner must hold at least this fraction of the anchor's voxels (one stray voxel pairs nothing).
+PAIR_MIN_PARTNER_FRACTION = 0.05
 
 __all__ = [
     "PAPER_EIG_BOUNDS",
@@ -105,6 +114,8 @@ class PostprocessOptions:
     num_kidneys: int = 2
     #: Kidneys kept besides the largest must share some of its slices (see keep_largest_components).
     kidneys_same_level: bool = True
+    #: Anchor on a left/right kidney pair rather than an unpaired larger blob (see keep_largest_components).
+    kidney_pairs: bool = True
     tumor_shape: bool = True
     tumor_overlap: bool = True
     eig_bounds: tuple[float, float] = PAPER_EIG_BOUNDS
@@ -267,11 +278,28 @@ def keep_largest_components(
     spacing: Spacing | None = None,
     kind: str = "kidney",
     same_level: bool = False,
+    pairs: bool = False,
+    frame_cols: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, list[Component]]:
     """Keep the ``num_components`` largest connected components (by voxel count), drop the rest.
 
-    With ``same_level``, only components whose slices (axis 0) overlap those of the largest one can join
-    it (both kidneys lie at one level; the pelvis holds none).
+    With ``same_level``, only components whose slices (axis 0) overlap those of the anchor (the largest
+    component) can join it (both kidneys lie at one level; the pelvis holds none).
+
+    With ``pairs`` (needs ``spacing``), the anchor must look like one of two kidneys when a pair exists:
+    if the largest component has no partner, that is no component at its level on the other half of the
+    image (columns split at the middle, as :func:`kidney_side`) with its centroid at least
+    ``PAIR_MIN_LATERAL_MM`` to the side and at least ``PAIR_MIN_PARTNER_FRACTION`` of its size, then the
+    largest component that has one becomes the anchor, provided it holds ``PAIR_MIN_ANCHOR_FRACTION`` of
+    the largest's voxels. Why: on a CT unlike its training data the kidney model can mark the urinary
+    bladder, a single midline blob larger than either kidney, and "largest first" would then keep the
+    bladder and drop both kidneys (the shipped non-contrast example). In the KiTS19 labels the two largest
+    components sit on opposite halves at the same level in 205 of 207 cases; the other two, and the two
+    with a single component, have one kidney (solitary or horseshoe) and no pair to prefer, so the rule
+    leaves every one of the 209 label maps as it was (``tests/test_postprocess.py``).
+
+    ``frame_cols`` is ``(first column, columns of the frame)`` when ``mask`` is a crop of a CT (the image
+    halves are the CT's); by default the mask is the whole frame.
 
     The kidney model's false positives on slices without kidney are small and separate; in all 210 KiTS19
     labels the two largest kidney+tumor components hold at least 99.8% of the voxels, so "keep the two
@@ -291,16 +319,30 @@ def keep_largest_components(
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     order = np.argsort(-sizes, kind="stable")  # label order among equal sizes
     boxes = ndimage.find_objects(labels)
+    anchor = int(order[0])
+    paired_over: int | None = None  # the unpaired largest component a pair took the anchor from
+    if pairs and sp is not None and num_components > 1:
+        first_col, n_cols = frame_cols if frame_cols is not None else (0, m.shape[2])
+        cols = ndimage.center_of_mass(m[box], labels, np.arange(1, n + 1))
+        centre_col = [c[2] + box[2].start + first_col for c in cols]
+        anchor = _paired_anchor(order, sizes, boxes, centre_col, n_cols, sp[2])
+        if anchor != int(order[0]):
+            paired_over = int(order[0])
     off_level: set[int] = set()
     if same_level and num_components > 1:
         # Both kidneys lie at the same level: in all 207 KiTS19 cases with two or more components the two
         # largest overlap in z. A larger blob elsewhere (the bladder, in a CT the model finds hard) must
         # not take the second kidney's place.
-        first = boxes[order[0]][0]
+        first = boxes[anchor][0]
         off_level = {
-            int(i) for i in order[1:] if boxes[i][0].stop <= first.start or boxes[i][0].start >= first.stop
+            int(i)
+            for i in order
+            if int(i) != anchor and (boxes[i][0].stop <= first.start or boxes[i][0].start >= first.stop)
         }
-    chosen = [int(i) for i in order if int(i) not in off_level][:num_components]
+    elif paired_over is not None:
+        off_level = {paired_over}
+    chosen = [anchor] + [int(i) for i in order if int(i) not in off_level and int(i) != anchor]
+    chosen = chosen[:num_components]
     keep = np.zeros(n + 1, dtype=bool)
     keep[np.asarray(chosen, dtype=int) + 1] = True
     out = np.zeros(m.shape, dtype=bool)
@@ -312,8 +354,13 @@ def keep_largest_components(
         if keep[idx + 1]:
             continue
         comp, _, _ = _describe(labels, int(idx) + 1, boxes[idx], offset, sp, kind=kind)
-        if int(idx) in off_level:
-            reason = f"not at the level (slices) of the largest {kind} component ({comp.voxels} voxels)"
+        if int(idx) == paired_over:
+            reason = (
+                f"largest {kind} component ({comp.voxels} voxels) but without a partner on the other side "
+                f"at its level, while a left/right pair exists (anchor: {int(sizes[anchor])} voxels)"
+            )
+        elif int(idx) in off_level:
+            reason = f"not at the level (slices) of the anchor {kind} component ({comp.voxels} voxels)"
         else:
             reason = (
                 f"not among the {num_components} largest {kind} components "
@@ -321,6 +368,43 @@ def keep_largest_components(
             )
         removed.append(dataclasses.replace(comp, reason=reason))
     return out, removed
+
+
+def _paired_anchor(
+    order: np.ndarray,
+    sizes: np.ndarray,
+    boxes: list[tuple[slice, ...]],
+    centre_col: list[float],
+    n_cols: int,
+    col_mm: float,
+) -> int:
+    """Index (0-based) of the anchor component for :func:`keep_largest_components` with ``pairs``."""
+
+    def has_partner(i: int) -> bool:
+        zi = boxes[i][0]
+        right = centre_col[i] < n_cols / 2
+        for j in order:
+            j = int(j)
+            if j == i or sizes[j] < PAIR_MIN_PARTNER_FRACTION * sizes[i]:
+                continue
+            zj = boxes[j][0]
+            if zj.stop <= zi.start or zj.start >= zi.stop:
+                continue
+            lateral = abs(centre_col[j] - centre_col[i]) * col_mm
+            if (centre_col[j] < n_cols / 2) != right and lateral >= PAIR_MIN_LATERAL_MM:
+                return True
+        return False
+
+    largest = int(order[0])
+    if has_partner(largest):
+        return largest
+    for i in order[1:]:
+        i = int(i)
+        if sizes[i] < PAIR_MIN_ANCHOR_FRACTION * sizes[largest]:
+            break  # sorted by size: no later one is big enough either
+        if has_partner(i):
+            return i
+    return largest
 
 
 def eigenvalue_ratio(
@@ -641,6 +725,8 @@ def postprocess(
                 connectivity=opts.connectivity,
                 spacing=sp,
                 same_level=opts.kidneys_same_level,
+                pairs=opts.kidney_pairs,
+                frame_cols=(box[2].start, kt_full.shape[2]),
             )
             removed.extend(dropped)
         t, t_labels = t_side.result()

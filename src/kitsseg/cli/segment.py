@@ -102,6 +102,14 @@ def segment_command(
             "--no-keep-kidneys", help="Keep every kidney component, not the two largest.", rich_help_panel=_PP
         ),
     ] = False,
+    no_kidney_pairs: Annotated[
+        bool,
+        typer.Option(
+            "--no-kidney-pairs",
+            help="Anchor on the largest kidney component even when it has no left/right partner.",
+            rich_help_panel=_PP,
+        ),
+    ] = False,
     no_tumor_shape: Annotated[
         bool,
         typer.Option(
@@ -178,6 +186,7 @@ def segment_command(
         options = PostprocessOptions(
             fill_holes=not no_fill_holes,
             keep_kidneys=not no_keep_kidneys,
+            kidney_pairs=not no_kidney_pairs,
             tumor_shape=not no_tumor_shape,
             tumor_overlap=not no_tumor_overlap,
             min_overlap=min_overlap,
