@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -323,8 +323,16 @@ def keep_largest_components(
     paired_over: int | None = None  # the unpaired largest component a pair took the anchor from
     if pairs and sp is not None and num_components > 1:
         first_col, n_cols = frame_cols if frame_cols is not None else (0, m.shape[2])
-        cols = ndimage.center_of_mass(m[box], labels, np.arange(1, n + 1))
-        centre_col = [c[2] + box[2].start + first_col for c in cols]
+        shift = box[2].start + first_col
+        cache: dict[int, float] = {}
+
+        def centre_col(i: int) -> float:  # only the few components the rule looks at are measured
+            if i not in cache:
+                sub = boxes[i]
+                cols = np.nonzero(labels[sub] == i + 1)[2]
+                cache[i] = float(cols.mean()) + sub[2].start + shift
+            return cache[i]
+
         anchor = _paired_anchor(order, sizes, boxes, centre_col, n_cols, sp[2])
         if anchor != int(order[0]):
             paired_over = int(order[0])
@@ -374,24 +382,28 @@ def _paired_anchor(
     order: np.ndarray,
     sizes: np.ndarray,
     boxes: list[tuple[slice, ...]],
-    centre_col: list[float],
+    centre_col: Callable[[int], float],
     n_cols: int,
     col_mm: float,
 ) -> int:
-    """Index (0-based) of the anchor component for :func:`keep_largest_components` with ``pairs``."""
+    """Index (0-based) of the anchor component for :func:`keep_largest_components` with ``pairs``.
+
+    ``order`` lists the components largest first; ``centre_col(i)`` is component ``i``'s centroid column
+    in the frame.
+    """
 
     def has_partner(i: int) -> bool:
         zi = boxes[i][0]
-        right = centre_col[i] < n_cols / 2
+        right = centre_col(i) < n_cols / 2
         for j in order:
             j = int(j)
-            if j == i or sizes[j] < PAIR_MIN_PARTNER_FRACTION * sizes[i]:
-                continue
+            if sizes[j] < PAIR_MIN_PARTNER_FRACTION * sizes[i]:
+                break  # sorted by size: every later one is smaller still
             zj = boxes[j][0]
-            if zj.stop <= zi.start or zj.start >= zi.stop:
+            if j == i or zj.stop <= zi.start or zj.start >= zi.stop:
                 continue
-            lateral = abs(centre_col[j] - centre_col[i]) * col_mm
-            if (centre_col[j] < n_cols / 2) != right and lateral >= PAIR_MIN_LATERAL_MM:
+            lateral = abs(centre_col(j) - centre_col(i)) * col_mm
+            if (centre_col(j) < n_cols / 2) != right and lateral >= PAIR_MIN_LATERAL_MM:
                 return True
         return False
 
