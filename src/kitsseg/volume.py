@@ -170,10 +170,10 @@ def load_ct(path: str | os.PathLike[str], *, volume_index: int | None = None) ->
     integer = index is None and dtype.kind in "iub"
     with _read_errors(path):
         if index is None and can_stream(img, path):
-            # Decompression and reordering overlap, piece by piece (kitsseg.niftistream).
-            data, lo_hi = read_into_frame(
-                img, path, geometry.ornt, np.float32, lambda dst, src: _blocked_copy(dst, src, workers=1)
-            )
+            # Decompression and reordering overlap, piece by piece (kitsseg.niftistream). Each piece is
+            # reordered on all cores: on the 2-core benchmark machine the first load in a fresh process
+            # took 0.45-0.48 s in 8 of 8 runs this way, 0.46-1.13 s with one copying thread.
+            data, lo_hi = read_into_frame(img, path, geometry.ornt, np.float32, _blocked_copy)
         else:
             if index is None:
                 # Unscaled, in the stored dtype (int16 for most CTs): the cast to float32 happens inside
