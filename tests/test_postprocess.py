@@ -90,6 +90,27 @@ def test_fill_holes_on_bbox_equals_scipy_full_volume(seed):
     np.testing.assert_array_equal(fill_holes(mask.astype(np.uint8)), expected)
 
 
+def test_fill_holes_per_component_equals_scipy_on_random_masks():
+    """Filling each 26-connected component on its own box must equal filling the whole mask, also for
+    dense random masks where many components touch and cavities lie between several of them."""
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        shape = tuple(int(n) for n in rng.integers(4, 13, 3))
+        mask = rng.random(shape) < rng.uniform(0.2, 0.8)
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_fill_holes_nested_shells():
+    """A shell inside another shell's cavity: both cavities are filled, as scipy does."""
+    shape = (16, 16, 16)
+    outer = box(shape, (1, 15), (1, 15), (1, 15)) & ~box(shape, (3, 13), (3, 13), (3, 13))
+    inner = box(shape, (5, 11), (5, 11), (5, 11)) & ~box(shape, (7, 9), (7, 9), (7, 9))
+    mask = outer | inner
+    filled = fill_holes(mask)
+    np.testing.assert_array_equal(filled, ndimage.binary_fill_holes(mask))
+    assert filled[1:15, 1:15, 1:15].all()
+
+
 def test_non_3d_mask_rejected():
     with pytest.raises(InvalidImageError, match="3D"):
         fill_holes(np.zeros((4, 4), dtype=bool))

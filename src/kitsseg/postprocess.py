@@ -251,8 +251,12 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
     3D rather than per-slice filling: the ground truth itself gains only 0.14% volume from 3D filling but
     0.84% (up to 4.4%) from 2D filling, which would paint over real concavities (REFERENCE section 2). Equal
-    to ``scipy.ndimage.binary_fill_holes`` on the whole volume, computed on the padded bounding box by
-    labelling the background once instead of iterated dilation.
+    to ``scipy.ndimage.binary_fill_holes`` on the whole volume (tested on random masks), computed per
+    26-connected component on its own padded box: a 6-connected cavity is enclosed by one 26-connected
+    component (26/6 is a well-behaved pair of adjacencies in digital topology), so the work follows the
+    components' boxes rather than the box around all of them, which for scattered detections (a tumor
+    model's false positives across the abdomen) is most of the CT. A component less than 3 voxels thick
+    along any axis encloses nothing and is skipped.
     """
     m = _as_mask(mask)
     out = np.zeros(m.shape, dtype=bool)  # calloc: untouched pages outside the box cost nothing
@@ -260,14 +264,28 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     if box is None:
         return out
     crop = m[box]
-    labels, n = ndimage.label(~crop)  # 6-connectivity, as binary_fill_holes' default structure
+    filled = out[box]
+    filled |= crop
+    labels, _ = _label(crop, 3)
+    for index, sub in enumerate(ndimage.find_objects(labels), start=1):
+        if sub is None or min(s.stop - s.start for s in sub) < 3:
+            continue
+        sub = tuple(
+            slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(sub, crop.shape, strict=True)
+        )
+        filled[sub] |= _enclosed(labels[sub] == index)
+    return out
+
+
+def _enclosed(part: np.ndarray) -> np.ndarray:
+    """Voxels of the box that ``part`` covers or encloses: background not reaching the box's faces."""
+    labels, n = ndimage.label(~part)  # 6-connectivity, as binary_fill_holes' default structure
     outside = np.zeros(n + 1, dtype=bool)
     for axis in range(labels.ndim):
         for end in (0, -1):
             outside[np.take(labels, end, axis=axis)] = True
-    outside[0] = True  # label 0 is the mask itself
-    out[box] = crop | ~outside[labels]
-    return out
+    outside[0] = True  # label 0 is the component itself
+    return part | ~outside[labels]
 
 
 def keep_largest_components(
