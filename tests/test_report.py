@@ -45,7 +45,8 @@ def test_side_volumes_on_the_labels_box_equals_counting_everything(cols: tuple[i
         assert vols[side]["kidney_ml"] == pytest.approx(np.count_nonzero(part == 1) * 1e-3)
         assert vols[side]["tumor_ml"] == pytest.approx(np.count_nonzero(part == 2) * 1e-3)
     empty = side_volumes(np.zeros((2, 3, 4), dtype=np.uint8), (1.0, 1.0, 1.0))
-    assert empty["right"]["total_ml"] == 0.0 and empty["left"]["total_ml"] == 0.0
+    assert empty["right"]["total_ml"] == 0.0
+    assert empty["left"]["total_ml"] == 0.0
 
 
 def _report(labels: np.ndarray, reference: dict | None = None) -> dict:
