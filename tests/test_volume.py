@@ -586,3 +586,47 @@ def test_real_ras_ct_lands_in_the_radiological_frame() -> None:
         _, r, c = np.nonzero(seg.data == label)
         assert r.mean() > rows / 2  # kidneys are posterior: rows run anterior -> posterior
         assert (c.mean() < cols / 2) == right_side  # columns run from the patient's right to left
+
+
+# --------------------------------------------------------------------------------------------- int16 frame
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])  # streamed and nibabel paths
+@pytest.mark.parametrize(
+    ("stored", "slope", "inter", "int16"),
+    [
+        (np.int16, np.nan, np.nan, True),  # no scaling in the header
+        (np.int16, 1.0, -1024.0, True),  # the common CT intercept
+        (np.uint8, 1.0, -100.0, True),
+        (np.int8, 1.0, 0.0, True),
+        (np.int16, 1.0, 0.5, False),  # fractional intercept: not integers any more
+        (np.int16, 2.0, 0.0, False),  # a slope
+        (np.uint16, 1.0, -1024.0, False),  # 0..65535 does not fit int16
+        (np.float32, 1.0, 0.0, False),
+    ],
+)
+def test_keep_int16_gives_the_same_hu_in_half_the_memory(
+    tmp_path: Path, suffix: str, stored: type, slope: float, inter: float, int16: bool
+) -> None:
+    rng = np.random.default_rng(3)
+    info = np.iinfo(stored) if np.dtype(stored).kind in "iu" else None
+    lo, hi = (max(info.min, -2000), min(info.max, 3000)) if info else (-1000, 2000)
+    arr = rng.integers(lo, hi, size=(9, 8, 7)).astype(stored)
+    path = _save_raw(arr, np.diag([0.8, 0.8, 2.5, 1.0]), tmp_path / f"ct{suffix}", slope=slope, inter=inter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VolumeWarning)  # some ranges do not look like HU; not tested here
+        plain = load_ct(path)
+        kept = load_ct(path, keep_int16=True)
+    assert plain.data.dtype == np.float32
+    assert kept.data.dtype == (np.int16 if int16 else np.float32)
+    np.testing.assert_array_equal(kept.data.astype(np.float32), plain.data)
+
+
+def test_keep_int16_falls_back_to_float_when_the_intercept_overflows(tmp_path: Path) -> None:
+    arr = np.array([-5, 0, 32000], dtype=np.int16).reshape(1, 1, 3)
+    path = _save_raw(arr, np.eye(4), tmp_path / "ct.nii.gz", slope=1.0, inter=1000.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VolumeWarning)
+        vol = load_ct(path, keep_int16=True)
+    assert vol.data.dtype == np.float32
+    assert vol.data.max() == 33000.0

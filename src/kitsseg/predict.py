@@ -98,7 +98,8 @@ def predict_volume(
     Parameters
     ----------
     ct_hu_zrc:
-        CT in Hounsfield units, internal frame (``volume.load_ct(...).data``). Not modified.
+        CT in Hounsfield units (float or integer), internal frame (``volume.load_ct(...).data``). Not
+        modified.
     bundle:
         Loaded weights; its models must already be on ``device``. Not modified (the networks run as
         folded copies, see :func:`inference_model`).
