@@ -706,4 +706,10 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == CHILD_FLAG:
         child(json.loads(sys.argv[2]))
         sys.exit(0)
-    sys.exit(main())
+    from kitsseg.errors import KitssegError
+
+    try:
+        sys.exit(main())
+    except KitssegError as exc:  # a wrong device or input: one line, as the kitsseg command prints it
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
