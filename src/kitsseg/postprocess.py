@@ -4,8 +4,11 @@ The seed paper (section 2.2) cleans the raw network output in four steps: fill h
 kidney+tumor structures (false positives on slices without kidney are small and far away), drop tumor
 components whose shape falls outside the tumor shape model (ratio of the two largest eigenvalues between the
 5th and 95th percentile of the ground truth, 1.07 to 2.8) or that lie less than 95% inside the kidney+tumor
-mask, then merge both masks into labels 0/1/2. Each step is its own function with the shared keyword names
-``connectivity``, ``num_components`` and ``spacing``, so callers can switch steps on and off and compare.
+mask, then merge both masks into labels 0/1/2. Two anatomical checks of this package go with the kidney
+selection: the second kidney must share slices with the first, and a left/right pair outranks a larger
+unpaired blob (see :func:`keep_largest_components`). Each step is its own function with the shared
+keyword names ``connectivity``, ``num_components`` and ``spacing``, so callers can switch steps on and
+off and compare.
 
 All arrays are 3D in the internal frame ``(z, row, col)``. A real CT is 600x512x512, where a full-volume
 ``binary_fill_holes`` costs 17 s and a 3D labelling 5 s, while the masks occupy a few percent of it: every
@@ -302,7 +305,8 @@ def keep_largest_components(
     """Keep the ``num_components`` largest connected components (by voxel count), drop the rest.
 
     With ``same_level``, only components whose slices (axis 0) overlap those of the anchor (the largest
-    component) can join it (both kidneys lie at one level; the pelvis holds none).
+    component, unless ``pairs`` picks another) can join it (both kidneys lie at one level; the pelvis
+    holds none).
 
     With ``pairs`` (needs ``spacing``), the anchor must look like one of two kidneys when a pair exists:
     if the largest component has no partner, that is no component at its level on the other half of the
