@@ -314,6 +314,7 @@ def child(spec: dict[str, Any]) -> None:
         "device": result.report.get("device"),
         "notes": list(pred.notes),
         "bf16": bool(result.report.get("bf16")),
+        "engine": result.report.get("network_engine", "torch"),  # absent before the fused kernels
         "reference": reference,
     }
     print(RESULT_MARK + json.dumps(out), flush=True)
@@ -566,7 +567,7 @@ def print_summary(s: dict[str, Any], input_info: dict[str, Any]) -> None:
     print(
         f"device {run['device']}, threads {run['threads']}, kidney slices {run['kidney_slices']}/"
         f"{run['shape_zrc'][0]} (kidney mask {100 * run['kidney_voxel_fraction']:.1f}% of voxels), "
-        f"tumor model on {run['tumor_slices']} slices"
+        f"tumor model on {run['tumor_slices']} slices, networks run by {run.get('engine', 'torch')}"
     )
     if run.get("reference"):
         ref = run["reference"]

@@ -111,6 +111,46 @@ def test_fill_holes_nested_shells():
     assert filled[1:15, 1:15, 1:15].all()
 
 
+def assert_labelling_of_filled(mask: np.ndarray) -> None:
+    """``_fill_labelled`` gives scipy's filling and exactly the 26-connected labelling of the filled mask."""
+    from kitsseg.postprocess import _fill_labelled
+
+    filled, tl = _fill_labelled(mask)
+    expected = ndimage.binary_fill_holes(mask)
+    np.testing.assert_array_equal(filled, expected)
+    if not expected.any():
+        assert tl.box is None
+        return
+    crop = expected[tl.box]
+    assert crop.sum() == expected.sum(), "the box must hold the whole filled mask"
+    labels, n = ndimage.label(crop, structure=np.ones((3, 3, 3), dtype=bool))
+    np.testing.assert_array_equal(tl.labels, labels)
+    assert tl.objects == list(ndimage.find_objects(labels))
+    assert len(tl.objects) == n
+
+
+def test_filling_labels_equal_a_fresh_labelling_on_random_masks():
+    rng = np.random.default_rng(12)
+    for _ in range(200):
+        shape = tuple(int(n) for n in rng.integers(4, 13, 3))
+        assert_labelling_of_filled(rng.random(shape) < rng.uniform(0.2, 0.8))
+
+
+def test_filling_labels_merge_components_inside_a_cavity():
+    """Shells nested two deep, with a speck in the innermost cavity and a separate blob after them in
+    raster order: the nested ones merge into the outer shell and the blob's number moves up."""
+    shape = (20, 20, 24)
+    outer = box(shape, (1, 15), (1, 15), (1, 15)) & ~box(shape, (3, 13), (3, 13), (3, 13))
+    inner = box(shape, (5, 11), (5, 11), (5, 11)) & ~box(shape, (6, 10), (6, 10), (6, 10))
+    speck = box(shape, (8, 9), (8, 9), (8, 9))
+    blob = box(shape, (16, 19), (2, 6), (18, 22))
+    mask = outer | inner | speck | blob
+    assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] == 4
+    assert_labelling_of_filled(mask)
+    assert_labelling_of_filled(np.zeros(shape, dtype=bool))
+    assert_labelling_of_filled(speck)
+
+
 def test_non_3d_mask_rejected():
     with pytest.raises(InvalidImageError, match="3D"):
         fill_holes(np.zeros((4, 4), dtype=bool))

@@ -261,23 +261,48 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     model's false positives across the abdomen) is most of the CT. A component less than 3 voxels thick
     along any axis encloses nothing and is skipped.
     """
-    m = _as_mask(mask)
+    return _fill_labelled(_as_mask(mask))[0]
+
+
+def _fill_labelled(m: np.ndarray) -> tuple[np.ndarray, _TumorLabels]:
+    """:func:`fill_holes` of the bool mask ``m``, with the filled mask's 26-connected labelling for free.
+
+    The filling already labels the components; a filled component keeps its label, and a component lying
+    inside another one's cavity is merged into it. The result equals labelling the filled mask afresh
+    (same numbers: a nested component's first voxel in raster order comes after its encloser's, so the
+    order of the others is unchanged; tested), which saves :func:`postprocess` a second labelling of the
+    tumor mask's box (80 ms of the 0.3 s post-processing of the benchmark's 280 k-voxel tumor mask).
+    """
     out = np.zeros(m.shape, dtype=bool)  # calloc: untouched pages outside the box cost nothing
     box = bounding_box(m, pad=1)
     if box is None:
-        return out
+        return out, _TumorLabels(m.shape, None)
     crop = m[box]
     filled = out[box]
     filled |= crop
-    labels, _ = _label(crop, 3)
-    for index, sub in enumerate(ndimage.find_objects(labels), start=1):
-        if sub is None or min(s.stop - s.start for s in sub) < 3:
+    labels, n = _label(crop, 3)
+    objects: list[tuple[slice, ...] | None] = list(ndimage.find_objects(labels))
+    merged = np.zeros(n + 1, dtype=bool)
+    for index, sub in enumerate(objects, start=1):
+        if sub is None or merged[index] or min(s.stop - s.start for s in sub) < 3:
             continue
         sub = tuple(
-            slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(sub, crop.shape, strict=True)
+            slice(max(s.start - 1, 0), min(s.stop + 1, size)) for s, size in zip(sub, crop.shape, strict=True)
         )
-        filled[sub] |= _enclosed(labels[sub] == index)
-    return out
+        region = labels[sub]
+        part = region == index
+        cavity = _enclosed(part) & ~part
+        if cavity.any():
+            filled[sub] |= cavity
+            inside = np.unique(region[cavity])
+            merged[inside[inside != 0]] = True
+            region[cavity] = index  # a view: the labels gain the cavity and whatever lay inside it
+    if merged.any():  # renumber without the merged labels, keeping the order
+        renumber = np.cumsum(~merged) - 1
+        renumber[merged] = 0
+        labels = renumber.astype(labels.dtype)[labels]
+        objects = [o for o, gone in zip(objects, merged[1:], strict=True) if not gone]
+    return out, _TumorLabels(m.shape, box, labels, objects)
 
 
 def _enclosed(part: np.ndarray) -> np.ndarray:
@@ -745,6 +770,8 @@ def postprocess(
     # The tumor mask's hole filling does not depend on the kidney steps: it runs on a second thread
     # (scipy's labelling releases the GIL), beside the kidney mask's filling and component selection.
     def tumor_side() -> tuple[np.ndarray, _TumorLabels]:
+        if opts.fill_holes and opts.connectivity == 3:  # the filling's own labelling is the one needed
+            return _fill_labelled(t)
         filled = fill_holes(t) if opts.fill_holes else t
         return filled, _TumorLabels.of(filled, opts.connectivity)
 

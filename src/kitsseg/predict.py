@@ -15,10 +15,13 @@ slices, so the tumor stage costs about three times less than running it everywhe
 
 Speed (measured in ``benchmarks/README.md`` against the compute floor of REFERENCE section 5): the networks
 run under ``torch.inference_mode`` in channels-last layout with BatchNorm folded into the convolutions
-(:func:`kitsseg.fuse.fuse_conv_bn`), on batches of slices; windowing, resizing and thresholding measured
-at about 1% of the light model's convolutions, so they are left simple. bfloat16 autocast is a switch,
-off by default: on CPUs with native bf16 (AVX-512 BF16 or AMX, see :func:`native_bf16`) it runs the
-networks about twice as fast, and whether it becomes the default depends on Dice on real slices.
+(:func:`kitsseg.fuse.fuse_conv_bn`), on batches of slices; on CPUs with oneDNN they run on its fused
+convolution kernels (ReLU and skip connections applied as each convolution writes its output,
+:mod:`kitsseg.fused_unet`), checked against the module at load. Windowing, resizing and thresholding
+measured at about 3% of the light model's convolutions, so they are left simple. bfloat16 is a switch
+here, off by default; ``segment()`` turns it on where the device computes bf16 natively (AVX-512 BF16 or
+AMX, see :func:`native_bf16`), where it runs the networks about twice as fast for the same Dice on the
+real validation slices (docs/model-card.md).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 from .checkpoint import StageModel, WeightsBundle
 from .errors import InvalidImageError
 from .fuse import fuse_conv_bn
+from .fused_unet import fused_forward
 from .preprocess import BAND_FRACTION, band_height, band_start, resize, window_
 
 #: ``progress(stage, done, total)``: ``stage`` is ``"kidney"`` or ``"tumor"``, counts are slices.
@@ -65,6 +69,9 @@ class Prediction:
         the networks' forward passes only), ``"prepare"`` (folding BatchNorm into a copy of each model,
         once per loaded model, see :func:`inference_model`). The rest of ``timings`` is windowing,
         resizing, thresholding and copying.
+    engine:
+        What ran the networks: ``"onednn-fused"`` (the fused CPU kernels of :mod:`kitsseg.fused_unet`) or
+        ``"torch"`` (the module itself); when the two stages differ, both, kidney stage first.
     """
 
     kidney_tumor_mask: np.ndarray
@@ -74,6 +81,7 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     detail_timings: dict[str, float] = field(default_factory=dict)
+    engine: str = "torch"
 
     def __repr__(self) -> str:
         return (
@@ -144,6 +152,7 @@ def predict_volume(
             progress("kidney", done, n_slices)
     details["prepare"] += runner.prepare_seconds
     details["kidney_net"] = runner.net_seconds
+    engines = [runner.engine]
     timings["kidney"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -173,8 +182,11 @@ def predict_volume(
                 progress("tumor", done, int(with_kidney.size))
         details["prepare"] += runner.prepare_seconds
         details["tumor_net"] = runner.net_seconds
+        if runner.engine not in engines:
+            engines.append(runner.engine)
     timings["tumor"] = time.perf_counter() - t0
-    return Prediction(kidney, tumor, band, int(with_kidney.size) if band else 0, timings, notes, details)
+    tumor_slices = int(with_kidney.size) if band else 0
+    return Prediction(kidney, tumor, band, tumor_slices, timings, notes, details, ", ".join(engines))
 
 
 def inference_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -262,14 +274,19 @@ class _StageRunner:
     ) -> None:
         self.stage = stage
         self.square = square
+        self.bf16 = bf16 and device.type in ("cpu", "cuda")
         t0 = time.perf_counter()
         self.model = inference_model(stage.model)
+        self.fused = fused_forward(self.model, device, self.bf16)
         self.prepare_seconds = time.perf_counter() - t0
         self.hu_window = hu_window
         self.batch_size = batch_size
         self.device = device
-        self.bf16 = bf16 and device.type in ("cpu", "cuda")
         self.net_seconds = 0.0
+
+    @property
+    def engine(self) -> str:
+        return "torch" if self.fused is None else "onednn-fused"
 
     def run(
         self,
@@ -286,9 +303,10 @@ class _StageRunner:
         False. Only one batch of floats exists at a time, and only booleans leave the device.
         """
         stage, device, sq = self.stage, self.device, self.square
-        autocast = (
+        net = self.model if self.fused is None else self.fused
+        autocast = (  # the fused network computes in bf16 itself
             torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-            if self.bf16
+            if self.bf16 and self.fused is None
             else contextlib.nullcontext()
         )
         r0, r1 = rows if rows is not None else (0, sq.side)
@@ -302,7 +320,7 @@ class _StageRunner:
                 x = resize(x, stage.input_size).contiguous(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
                 with autocast:
-                    logits = self.model(x)
+                    logits = net(x)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 self.net_seconds += time.perf_counter() - t0

@@ -151,6 +151,7 @@ def build_report(
             if prediction.band is not None
             else None
         ),
+        "network_engine": prediction.engine,
         "notes": list(prediction.notes),
     }
     if reference is not None:

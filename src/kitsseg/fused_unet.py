@@ -1,0 +1,232 @@
+"""The folded U-Net's forward pass on oneDNN's fused convolution kernels (CPU inference).
+
+Why: with BatchNorm folded (:mod:`kitsseg.fuse`) the light default U-Net still spends part of its CPU
+time outside its convolutions, in memory-bound passes over full-resolution activation maps: the in-place
+ReLU after every convolution and the copy that concatenates each skip connection with the up-sampled map
+(0.27 s and 0.25 s of the 6.0 s both networks took in a cProfile run of ``segment()`` on the benchmark's
+512x512x300 CT). PyTorch's oneDNN backend has convolution kernels that apply a ReLU, or add another
+tensor, while they write their output (the ones ``torch.compile``'s CPU backend generates calls to).
+Calling them directly removes every ReLU pass, and splitting the first convolution of each up level by
+input channels removes the concatenation::
+
+    relu(conv(cat[skip, up], [W_skip | W_up]) + b) = relu(conv(up, W_up) + (conv(skip, W_skip) + b))
+
+where the outer convolution adds the inner one's output as it writes. Measured on this project's 2-core
+CPU (``benchmarks/README.md``): the kidney network's batch of 8 slices in bf16, 122-124 ms against
+130-133 ms under autocast (best of 25 interleaved rounds, two runs).
+
+These operators (``torch.ops.mkldnn._convolution_pointwise``) are not public API. So :func:`fused_forward`
+builds the fused network only where they exist, for the architecture it knows (a :class:`~kitsseg.model.UNet`
+whose norms were folded away, transposed-convolution up-sampling), and checks it against the module itself
+on a small input before handing it out. Anywhere else (CUDA, a torch without oneDNN, instance norm,
+bilinear up-sampling, an operator whose signature changed, ``KITSSEG_FUSED_CONV=0``) inference runs the
+ordinary module, with the same results up to float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import UNet
+
+#: ``KITSSEG_FUSED_CONV=0`` runs the ordinary module (for comparisons, or if the fused path misbehaves).
+ENV = "KITSSEG_FUSED_CONV"
+
+#: Largest difference from the module's logits the self-check accepts, relative to their largest value:
+#: bf16 rounds to 8 significant bits, and the split convolution rounds its partial sum once more.
+_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05}
+
+
+class _Unsupported(Exception):
+    """The model is not an architecture the fused forward reproduces."""
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """One convolution's weights in the compute dtype and channels-last layout, and its padding."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    padding: int
+
+    @classmethod
+    def of(
+        cls, conv: nn.Module, dtype: torch.dtype, channels: slice | None = None, bias: bool = True
+    ) -> _Conv:
+        if (
+            not isinstance(conv, nn.Conv2d)
+            or conv.stride != (1, 1)
+            or conv.dilation != (1, 1)
+            or conv.groups != 1
+            or conv.padding_mode != "zeros"
+            or conv.kernel_size not in ((3, 3), (1, 1))
+            or conv.padding != (conv.kernel_size[0] // 2,) * 2
+        ):
+            raise _Unsupported(f"not a plain 3x3 or 1x1 same-size convolution: {conv}")
+        weight = conv.weight.detach()
+        if channels is not None:
+            weight = weight[:, channels]
+        weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
+        b = conv.bias.detach().to(dtype) if bias and conv.bias is not None else None
+        return cls(weight, b, conv.kernel_size[0] // 2)
+
+    def __call__(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        p = [self.padding, self.padding]
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, p, [1, 1], [1, 1], 1, "relu" if relu else "none", [], ""
+        )
+
+    def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """``relu(conv(x) + other)``, the addition and the ReLU applied as the output is written."""
+        p = [self.padding, self.padding]
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, self.weight, self.bias, p, [1, 1], [1, 1], 1, "add", None, "relu", [], ""
+        )
+
+
+def _conv_pair(block: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """The two convolutions of a folded ``DoubleConv`` (conv, ReLU, conv, ReLU once identities go)."""
+    layers = [m for m in block.children() if not isinstance(m, nn.Identity)]
+    kinds = [type(m) for m in layers]
+    if kinds != [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.ReLU]:
+        raise _Unsupported(
+            f"a level is {[k.__name__ for k in kinds]}, not conv-relu-conv-relu (unfolded norm?)"
+        )
+    return layers[0], layers[2]
+
+
+def _double_conv(block: nn.Module, dtype: torch.dtype) -> tuple[_Conv, _Conv]:
+    first, second = _conv_pair(block)
+    return _Conv.of(first, dtype), _Conv.of(second, dtype)
+
+
+def _check_pool(pool: nn.Module) -> None:
+    if not (
+        isinstance(pool, nn.MaxPool2d)
+        and pool.kernel_size in (2, (2, 2))
+        and pool.stride in (2, (2, 2))
+        and pool.padding in (0, (0, 0))
+        and pool.dilation in (1, (1, 1))
+        and not pool.ceil_mode
+    ):
+        raise _Unsupported(f"not a 2x2 max-pool: {pool}")
+
+
+class FusedUNet:
+    """A folded :class:`~kitsseg.model.UNet` run on oneDNN's fused kernels in ``dtype``.
+
+    Callable like the module (``(N, C, H, W)`` in, logits ``(N, 1, H, W)`` out, in ``dtype``); inference
+    only (no autograd). Build it with :func:`fused_forward`, which also checks it.
+    """
+
+    def __init__(self, model: UNet, dtype: torch.dtype) -> None:
+        if not isinstance(model, UNet):
+            raise _Unsupported(f"not a kitsseg UNet: {type(model).__name__}")
+        self.dtype = dtype
+        self.inc = _double_conv(model.inc, dtype)
+        self.downs = []
+        for down in model.downs:
+            _check_pool(down[0])
+            self.downs.append(_double_conv(down[1], dtype))
+        self.ups = []
+        for up in model.ups:
+            if not (
+                isinstance(up.up, nn.ConvTranspose2d)
+                and up.up.stride == (2, 2)
+                and up.up.kernel_size == (2, 2)
+            ):
+                raise _Unsupported("only transposed-convolution up-sampling is fused")
+            conv, second = _conv_pair(up.conv)
+            half = conv.in_channels // 2
+            self.ups.append(
+                (
+                    up.up.weight.detach().to(dtype),
+                    None if up.up.bias is None else up.up.bias.detach().to(dtype),
+                    _Conv.of(conv, dtype, slice(0, half)),  # skip channels come first in the concatenation
+                    _Conv.of(conv, dtype, slice(half, None), bias=False),
+                    _Conv.of(second, dtype),
+                )
+            )
+        self.head = _Conv.of(model.head, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        for conv in self.inc:
+            y = conv(y, relu=True)
+        skips = [y]
+        for convs in self.downs:
+            y = F.max_pool2d(skips[-1], 2)
+            for conv in convs:
+                y = conv(y, relu=True)
+            skips.append(y)
+        y = skips.pop()
+        for up_weight, up_bias, from_skip, from_up, second in self.ups:
+            upsampled = F.conv_transpose2d(y, up_weight, up_bias, stride=2)
+            y = from_up.plus(upsampled, from_skip(skips.pop(), relu=False))
+            y = second(y, relu=True)
+        return self.head(y, relu=False)
+
+
+def fused_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the fused kernels can be used on ``device``: CPU, oneDNN present, not switched off."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return False
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    return op is not None and hasattr(op, "binary")
+
+
+def fused_forward(model: nn.Module, device: torch.device | str, bf16: bool) -> FusedUNet | None:
+    """A checked :class:`FusedUNet` for the folded, eval-mode ``model``, or ``None`` to run the module.
+
+    ``None`` when :func:`fused_available` says no, when the architecture is not one the fused forward
+    reproduces, or when the fused network's logits on a small random input differ from the module's (under
+    the same precision: autocast for bf16) by more than the tolerance. Built once per model and
+    precision while the model's tensors stay unchanged.
+    """
+    if not fused_available(device):
+        return None
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    key = (dtype, tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())))
+    cached = _BUILT.setdefault(model, {})
+    if key[0] in cached and cached[key[0]][0] == key[1]:
+        return cached[key[0]][1]
+    try:
+        fused = FusedUNet(model, dtype)  # type: ignore[arg-type]
+        ok = _agrees(model, fused, bf16)
+    except (_Unsupported, RuntimeError, TypeError, AttributeError, IndexError):
+        fused, ok = None, False
+    result = fused if ok else None
+    cached[dtype] = (key[1], result)
+    return result
+
+
+#: Fused networks per module and dtype, with the fingerprint of the tensors they were built from.
+_BUILT: weakref.WeakKeyDictionary[
+    nn.Module, dict[torch.dtype, tuple[tuple[tuple[int, int], ...], FusedUNet | None]]
+] = weakref.WeakKeyDictionary()
+
+
+def _agrees(model: nn.Module, fused: FusedUNet, bf16: bool) -> bool:
+    """Whether ``fused`` gives the module's logits on a small random input (two slices, 16 px per pooling)."""
+    config = model.config  # type: ignore[attr-defined]
+    side = 2 ** (config.depth + 1)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((2, config.in_channels, side, side), generator=generator).contiguous(
+        memory_format=torch.channels_last
+    )
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            expected = model(x).float()
+        got = fused(x).float()
+    if got.shape != expected.shape or not torch.isfinite(got).all():
+        return False
+    scale = float(expected.abs().max()) + 1e-6
+    return float((got - expected).abs().max()) <= _TOLERANCE[fused.dtype] * scale
