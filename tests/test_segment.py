@@ -98,6 +98,9 @@ def test_report_fields_and_side_volumes(tmp_path: Path, model) -> None:
     assert report["weights"]["name"] == "oracle"
     assert len(report["weights"]["sha256"]) == 64
     assert set(report["timings_s"]) == {"load", "kidney", "tumor", "postprocess", "write", "total"}
+    from kitsseg.fused_unet import fused_available
+
+    assert report["network_engine"] == ("onednn-fused" if fused_available(model.device) else "torch")
     _, truth = make_phantom(SHAPE, SPACING, seed=5, noise_hu=1.0)
     voxel_ml = np.prod(SPACING) / 1000
     right = np.count_nonzero(truth[..., :32]) * voxel_ml
