@@ -12,8 +12,8 @@ input channels removes the concatenation::
     relu(conv(cat[skip, up], [W_skip | W_up]) + b) = relu(conv(up, W_up) + (conv(skip, W_skip) + b))
 
 where the outer convolution adds the inner one's output as it writes. Measured on this project's 2-core
-CPU (``benchmarks/README.md``): the kidney network's batch of 8 slices in bf16, 122-124 ms against
-130-133 ms under autocast (best of 25 interleaved rounds, two runs).
+CPU (``benchmarks/README.md``): the kidney network's batch of 8 slices in bf16, 121.7-123.6 ms against
+130.0-132.5 ms under autocast (best of 25 interleaved rounds, two runs).
 
 These operators (``torch.ops.mkldnn._convolution_pointwise``) are not public API. So :func:`fused_forward`
 builds the fused network only where they exist, for the architecture it knows (a :class:`~kitsseg.model.UNet`
