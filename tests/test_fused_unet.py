@@ -89,6 +89,9 @@ def test_not_on_cuda_and_not_when_switched_off(monkeypatch: pytest.MonkeyPatch) 
     assert fused_forward(model, "cpu", bf16=False) is None
     monkeypatch.setenv(fused_unet.ENV, "1")
     assert isinstance(fused_forward(model, "cpu", bf16=False), FusedUNet)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # a user keeping oneDNN out
+    assert not torch.backends.mkldnn.enabled
+    assert fused_forward(model, "cpu", bf16=False) is None
 
 
 def test_a_wrong_fused_network_is_caught_by_the_self_check(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,10 +174,15 @@ class FusedUNet:
 
 
 def fused_available(device: torch.device | str = "cpu") -> bool:
-    """Whether the fused kernels can be used on ``device``: CPU, oneDNN present, not switched off."""
+    """Whether the fused kernels can be used on ``device``: CPU, oneDNN present and enabled, not switched off.
+
+    ``torch.backends.mkldnn.enabled = False`` (a user keeping oneDNN out, e.g. to compare against another
+    backend) is respected: the fused kernels are oneDNN's.
+    """
     if os.environ.get(ENV, "1").strip() == "0":
         return False
-    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+    mkldnn = torch.backends.mkldnn
+    if torch.device(device).type != "cpu" or not mkldnn.is_available() or not mkldnn.enabled:
         return False
     op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
     return op is not None and hasattr(op, "binary")
