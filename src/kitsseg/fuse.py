@@ -23,6 +23,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 M = TypeVar("M", bound=nn.Module)
 
 
+def tensor_fingerprint(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Storage and in-place version counter of every tensor of ``model``: changes when any of them does.
+
+    Keys the caches of prepared inference copies (folded, fused), so training or ``load_state_dict``
+    between two calls makes a new copy instead of serving stale weights.
+    """
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
 def foldable_pairs(model: nn.Module) -> list[tuple[nn.Sequential, int]]:
     """``(container, index)`` of every ``Conv2d`` at ``container[index]`` followed by a foldable BatchNorm."""
     pairs = []

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fuse import tensor_fingerprint
 from .model import UNet
 
 #: ``KITSSEG_FUSED_CONV=0`` runs the ordinary module (for comparisons, or if the fused path misbehaves).
@@ -199,17 +200,17 @@ def fused_forward(model: nn.Module, device: torch.device | str, bf16: bool) -> F
     if not fused_available(device):
         return None
     dtype = torch.bfloat16 if bf16 else torch.float32
-    key = (dtype, tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())))
-    cached = _BUILT.setdefault(model, {})
-    if key[0] in cached and cached[key[0]][0] == key[1]:
-        return cached[key[0]][1]
+    fingerprint = tensor_fingerprint(model)
+    built = _BUILT.setdefault(model, {})
+    if dtype in built and built[dtype][0] == fingerprint:
+        return built[dtype][1]
     try:
         fused = FusedUNet(model, dtype)  # type: ignore[arg-type]
         ok = _agrees(model, fused, bf16)
     except (_Unsupported, RuntimeError, TypeError, AttributeError, IndexError):
         fused, ok = None, False
     result = fused if ok else None
-    cached[dtype] = (key[1], result)
+    built[dtype] = (fingerprint, result)
     return result
 
 

@@ -38,7 +38,7 @@ import torch
 
 from .checkpoint import StageModel, WeightsBundle
 from .errors import InvalidImageError
-from .fuse import fuse_conv_bn
+from .fuse import fuse_conv_bn, tensor_fingerprint
 from .fused_unet import fused_forward
 from .preprocess import BAND_FRACTION, band_height, band_start, resize, window_
 
@@ -201,7 +201,7 @@ def inference_model(model: torch.nn.Module) -> torch.nn.Module:
     """
     model.eval()
     cached = _PREPARED.get(model)
-    if cached is not None and cached[0] == _fingerprint(model):
+    if cached is not None and cached[0] == tensor_fingerprint(model):
         return cached[1]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # hundreds of small tensor ops: thread hand-offs cost more than they give
@@ -210,7 +210,7 @@ def inference_model(model: torch.nn.Module) -> torch.nn.Module:
     finally:
         torch.set_num_threads(threads)
     if prepared is not model:  # caching the model itself would keep it alive through the weak key
-        _PREPARED[model] = (_fingerprint(model), prepared)
+        _PREPARED[model] = (tensor_fingerprint(model), prepared)
     return prepared
 
 
@@ -218,12 +218,6 @@ def inference_model(model: torch.nn.Module) -> torch.nn.Module:
 _PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], torch.nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-def _fingerprint(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
-    """Storage and in-place version counter of every tensor of ``model``: changes when any of them does."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 @functools.cache
