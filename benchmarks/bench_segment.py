@@ -55,6 +55,7 @@ SIZE = 512
 FLOOR_BATCHES = (4, 8, 16)
 STAND_IN_META = {
     "version": "0",
+    "pixel_spacing_mm": 1.5625,  # the shipped weights' geometry: slices resampled to the model grid
     "hu_window": [0.0, 255.0],
     "eig_bounds": [1.07, 2.8],
     "eig_unit": "voxel",

@@ -34,17 +34,19 @@ def test_switched_off_by_environment() -> None:
 
 
 @pytest.mark.skipif(not GLIBC, reason="the settings exist for glibc on Linux only")
-def test_segment_applies_them_and_keeps_results(tmp_path) -> None:  # noqa: ANN001
-    # The same phantom segmented with and without the settings gives identical labels.
+def test_tune_process_applies_them_and_results_do_not_change(tmp_path) -> None:  # noqa: ANN001
+    # The same phantom segmented after kitsseg.tune_process (what the CLI calls), with the settings on and
+    # off, gives identical labels. segment() itself never applies them (tests/test_process_state.py).
     code = (
         "import sys, numpy as np\n"
+        "import kitsseg\n"
         "from kitsseg.phantom import make_phantom\n"
-        "from kitsseg.volume import write_frame, load_labels\n"
-        "from kitsseg.segment import segment\n"
+        "from kitsseg.volume import write_frame\n"
         "import kitsseg.allocator as a\n"
+        "kitsseg.tune_process(threads=1)\n"
         "ct, _ = make_phantom((6, 96, 96), (2.5, 3.0, 3.0), seed=1)\n"
         "src = write_frame(ct.astype(np.int16), sys.argv[1] + '/ct.nii.gz', spacing=(2.5, 3.0, 3.0))\n"
-        "segment(src, sys.argv[1] + '/' + sys.argv[2] + '.nii.gz', batch_size=2)\n"
+        "kitsseg.segment(src, sys.argv[1] + '/' + sys.argv[2] + '.nii.gz', batch_size=2)\n"
         "print(a._applied)\n"
     )
     outs = {}

@@ -99,10 +99,32 @@ def test_failing_fsync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(OSError, match="No space"):
         write_text_atomic(tmp_path / "r.json", "{}")
     assert list(tmp_path.iterdir()) == []
-    # fsync=False (what volume.save_labels asks for) does not call it.
-    with atomic_output(tmp_path / "m.nii", fsync=False) as tmp:
-        tmp.write_bytes(b"x")
-    assert (tmp_path / "m.nii").read_bytes() == b"x"
+
+
+def test_every_output_is_flushed_masks_included(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mask is flushed to disk before its rename like every other output (a crash right after the run
+    must not leave a renamed but empty mask)."""
+    import numpy as np
+
+    from kitsseg.volume import load_labels, save_labels, write_frame
+
+    ct = write_frame(np.zeros((4, 8, 8), dtype=np.int16), tmp_path / "ct.nii.gz", spacing=(2.0, 1.0, 1.0))
+    like = load_labels(ct)
+    flushed: list[list[str]] = []  # the mask folder's files at each fsync
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        flushed.append(sorted(p.name for p in tmp_path.iterdir() if "mask" in p.name))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    labels = np.zeros((4, 8, 8), dtype=np.uint8)
+    labels[1:3, 2:5, 2:5] = 1
+    out = save_labels(labels, like, tmp_path / "mask.nii.gz")
+    assert len(flushed) == 1  # once, while only the hidden temporary exists: before the rename
+    assert len(flushed[0]) == 1
+    assert flushed[0][0].startswith(".mask.")
+    np.testing.assert_array_equal(load_labels(out).data, labels)
 
 
 def test_writer_that_removes_the_temporary_fails_cleanly(tmp_path: Path) -> None:

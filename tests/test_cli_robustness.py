@@ -5,7 +5,7 @@ docs/errors.md documents, no traceback, inputs left byte-identical and no output
 behind. The matrix runs the real CLI in subprocesses (``python -m kitsseg``), so what is checked is what a
 user sees: the exit status of the process and its stderr. Batches must give every good case its outputs
 whatever the bad ones do, job-array parts must cover every case exactly once, and Ctrl-C or a full disk
-must not leave half a result. All of it runs on tiny phantoms with the oracle weights of test_predict, so
+must not leave half a result. All of it runs on tiny phantoms with the oracle weights of oracle.py, so
 nothing depends on the default weights or the network.
 """
 
@@ -42,7 +42,7 @@ from kitsseg.errors import (
     GridMismatchError,
     InputNotFoundError,
     InvalidImageError,
-    KitssegError,
+    InvalidOptionError,
     OutputError,
     ResourceError,
     WeightsError,
@@ -50,7 +50,7 @@ from kitsseg.errors import (
 from kitsseg.phantom import make_phantom
 from kitsseg.volume import load_ct, load_labels, write_frame
 from kitsseg.weights import import_weights
-from test_predict import write_oracle_weights
+from oracle import write_oracle_weights
 
 SHAPE = (12, 48, 48)
 SPACING = (2.5, 0.8, 0.8)
@@ -97,11 +97,13 @@ def _phantom_ct(
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (hidden temporary files included), by relative path."""
+    """sha256 of every file under ``folder`` (hidden temporary files included), by relative path; folders
+    appear as ``"<folder>"``, so an empty output folder left behind shows up too."""
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(folder)): (
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() or p.is_symlink() else "<folder>"
+        )
         for p in sorted(folder.rglob("*"))
-        if p.is_file() or p.is_symlink()
     }
 
 
@@ -132,6 +134,8 @@ class BadInput:
     command: str = "segment"
     env: dict[str, str] = field(default_factory=dict)
     default_weights: bool = True
+    #: Text the error line must not contain (an option the user never gave, a stray nibabel message).
+    absent: tuple[str, ...] = ()
 
 
 def _nifti_bytes(header_shape: tuple[int, ...], dtype: type = np.int16) -> bytes:
@@ -216,7 +220,7 @@ def _volume_index_with_a_folder(w: Path) -> BadInput:
     (w / "cts").mkdir()
     _phantom_ct(w / "cts" / "case_00.nii.gz")
     args = [w / "cts", "-o", w / "out", "--volume-index", "0"]
-    return BadInput(args, KitssegError.exit_code, "--volume-index works on a single 4D file")
+    return BadInput(args, InvalidOptionError.exit_code, "--volume-index works on a single 4D file")
 
 
 def _zero_length_axis(w: Path) -> BadInput:
@@ -330,26 +334,120 @@ def _unknown_option(w: Path) -> BadInput:
 
 def _bad_eig_bounds(w: Path) -> BadInput:
     args = [_good(w), "-o", w / "out" / "m.nii.gz", "--eig-bounds", "3,1"]
-    return BadInput(args, KitssegError.exit_code, "--eig-bounds expects")
+    return BadInput(args, InvalidOptionError.exit_code, "--eig-bounds expects")
 
 
 def _parts_for_a_file(w: Path) -> BadInput:
     args = [_good(w), "-o", w / "out" / "m.nii.gz", "--num-parts", "2", "--part-id", "0"]
-    return BadInput(args, KitssegError.exit_code, "--num-parts and --part-id split a folder")
+    return BadInput(args, InvalidOptionError.exit_code, "--num-parts and --part-id split a folder")
 
 
 def _part_id_out_of_range(w: Path) -> BadInput:
     (w / "cts").mkdir()
     _phantom_ct(w / "cts" / "case_00.nii.gz")
     args = [w / "cts", "-o", w / "out", "--num-parts", "2", "--part-id", "2"]
-    return BadInput(args, KitssegError.exit_code, "--part-id must be between 0 and 1")
+    return BadInput(args, InvalidOptionError.exit_code, "--part-id must be between 0 and 1")
 
 
 def _bad_slurm_env(w: Path) -> BadInput:
     (w / "cts").mkdir()
     _phantom_ct(w / "cts" / "case_00.nii.gz")
     env = {"SLURM_ARRAY_TASK_COUNT": "four", "SLURM_ARRAY_TASK_ID": "1"}
-    return BadInput([w / "cts", "-o", w / "out"], KitssegError.exit_code, "cannot read the Slurm", env=env)
+    return BadInput(
+        [w / "cts", "-o", w / "out"], InvalidOptionError.exit_code, "cannot read the Slurm", env=env
+    )
+
+
+# ------------------------------------------------------------ issue 18: outputs, scaling, spacing, parts
+
+
+def _output_link_to_input(w: Path, hard: bool) -> BadInput:
+    ct = _good(w)
+    link = w / "mask.nii.gz"
+    if hard:
+        os.link(ct, link)
+    else:
+        link.symlink_to(ct)
+    return BadInput([ct, "-o", link], OutputError.exit_code, "the output path ")
+
+
+def _output_folder_holds_the_input(w: Path) -> BadInput:
+    # -o FOLDER writes FOLDER/<case>.nii.gz, which is the input here (as -o . would be beside it)
+    return BadInput([_good(w), "-o", w], OutputError.exit_code, "the output path ")
+
+
+def _output_without_a_stem(w: Path) -> BadInput:
+    args = [_good(w), "-o", w / "out" / ".nii.gz"]
+    return BadInput(args, OutputError.exit_code, "has no name before .nii.gz")
+
+
+def _report_is_the_weights(w: Path) -> BadInput:
+    mine = write_oracle_weights(w / "mine.pt")
+    args = [_good(w), "-o", w / "out" / "m.nii.gz", "--report", mine, "--weights", mine]
+    return BadInput(args, OutputError.exit_code, "is the weights file", default_weights=False)
+
+
+def _scaled_to_infinity(w: Path) -> BadInput:
+    ct, _ = make_phantom(SHAPE, SPACING, seed=1, noise_hu=1.0)
+    img = nib.Nifti1Image(np.round(ct).astype(np.int16), np.diag([0.8, 0.8, 2.5, 1.0]))
+    img.header.set_slope_inter(1e38, 0.0)  # finite in the header, infinite once applied in float32
+    nib.save(img, str(w / "ct.nii.gz"))
+    args = [w / "ct.nii.gz", "-o", w / "out" / "m.nii.gz"]
+    return BadInput(args, InvalidImageError.exit_code, "beyond what float32 holds")
+
+
+def _absurd_spacing(w: Path) -> BadInput:
+    ct, _ = make_phantom(SHAPE, SPACING, seed=1, noise_hu=1.0)
+    path = write_frame(ct, w / "ct.nii.gz", spacing=(1e30, 0.8, 0.8))
+    return BadInput([path, "-o", w / "out" / "m.nii.gz"], InvalidImageError.exit_code, "voxel spacing")
+
+
+def _colliding_names_across_parts(w: Path) -> BadInput:
+    # case_00.nii and case_00.nii.gz sort next to each other, so each part of two gets one of them: the
+    # check must look at the whole folder, or part 0 and part 1 overwrite each other's case_00.nii.gz.
+    (w / "cts").mkdir()
+    _phantom_ct(w / "cts" / "case_00.nii.gz")
+    _phantom_ct(w / "cts" / "case_00.nii", seed=2)
+    _phantom_ct(w / "cts" / "case_01.nii.gz", seed=3)
+    args = [w / "cts", "-o", w / "out", "--num-parts", "2", "--part-id", "1"]
+    return BadInput(args, OutputError.exit_code, "would both be written to case_00.nii.gz")
+
+
+def _case_named_like_the_summary(w: Path) -> BadInput:
+    (w / "cts").mkdir()
+    _phantom_ct(w / "cts" / "case_00.nii.gz")
+    _phantom_ct(w / "cts" / "kitsseg-batch.nii.gz", seed=2)
+    return BadInput([w / "cts", "-o", w / "out"], OutputError.exit_code, "the name of a batch summary")
+
+
+def _slurm_part_out_of_range(w: Path) -> BadInput:
+    (w / "cts").mkdir()
+    _phantom_ct(w / "cts" / "case_00.nii.gz")
+    env = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "5"}
+    args = [w / "cts", "-o", w / "out"]
+    code = InvalidOptionError.exit_code
+    return BadInput(args, code, "SLURM_ARRAY_TASK_ID=5", env=env, absent=("--part-id must",))
+
+
+def _header_fixed_by_nibabel(w: Path) -> BadInput:
+    # nibabel "fixes" a negative pixdim and logs it on its own handler; the voxels are NaN, so the one line
+    # must be kitsseg's error, without nibabel's message beside it.
+    ct, _ = make_phantom(SHAPE, SPACING, seed=1, noise_hu=1.0)
+    ct[3, 10, 10] = np.nan
+    img = nib.Nifti1Image(ct, np.diag([0.8, 0.8, 2.5, 1.0]))
+    img.header["pixdim"][1] = -0.8
+    nib.save(img, str(w / "ct.nii.gz"))
+    args = [w / "ct.nii.gz", "-o", w / "out" / "m.nii.gz"]
+    return BadInput(args, InvalidImageError.exit_code, "NaN or infinite", absent=("pixdim",))
+
+
+def _markup_in_the_path(w: Path) -> BadInput:
+    # rich reads [/x] as a closing tag (MarkupError) and [anon] as a style: both must print as typed
+    folder = w / "in[/x][anon]"  # two folders, "in[" and "x][anon]"
+    folder.mkdir(parents=True)
+    (folder / "ct.nii.gz").write_text("not a NIfTI\n")
+    args = [folder / "ct.nii.gz", "-o", w / "out" / "m.nii.gz"]
+    return BadInput(args, InvalidImageError.exit_code, "in[/x][anon]/ct.nii.gz is not a readable NIfTI")
 
 
 MATRIX: dict[str, Callable[[Path], BadInput]] = {
@@ -383,6 +481,19 @@ MATRIX: dict[str, Callable[[Path], BadInput]] = {
     "parts-for-a-file": _parts_for_a_file,
     "part-id-out-of-range": _part_id_out_of_range,
     "bad-slurm-env": _bad_slurm_env,
+    # issue 18: nothing lost, nothing silently wrong
+    "output-symlink-to-input": lambda w: _output_link_to_input(w, hard=False),
+    "output-hardlink-to-input": lambda w: _output_link_to_input(w, hard=True),
+    "output-folder-holds-the-input": _output_folder_holds_the_input,
+    "output-without-a-stem": _output_without_a_stem,
+    "report-is-the-weights": _report_is_the_weights,
+    "scaled-to-infinity": _scaled_to_infinity,
+    "absurd-spacing": _absurd_spacing,
+    "colliding-names-across-parts": _colliding_names_across_parts,
+    "case-named-like-the-summary": _case_named_like_the_summary,
+    "slurm-part-out-of-range": _slurm_part_out_of_range,
+    "header-fixed-by-nibabel": _header_fixed_by_nibabel,
+    "markup-in-the-path": _markup_in_the_path,
 }
 
 
@@ -405,7 +516,10 @@ def test_bad_input_matrix(name: str, tmp_path: Path, weights: Path, home: Path) 
     assert proc.returncode == case.code, proc.stderr
     assert proc.returncode != 0
     _assert_one_error(proc.stderr, case.message)
-    # Inputs byte-identical, and not one file more: no output, no report, no hidden temporary file.
+    for text in case.absent:
+        assert text not in proc.stderr, proc.stderr
+    # Inputs byte-identical, and not one file more: no output, no report, no hidden temporary file, and
+    # no output folder created for a run that was refused.
     assert _snapshot(work) == before
 
 
@@ -435,9 +549,11 @@ def test_values_not_in_hu_give_one_warning_line(tmp_path: Path, weights: Path, h
     proc = _kitsseg(["segment", path, "-o", out, "--weights", weights, "--device", "cpu"], _env(home))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    warning_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert all(line.startswith("warning: ") for line in lines), proc.stderr  # warnings only, one line each
+    # One line for the values (the result checks may add their own, e.g. that no kidney was found).
+    warning_lines = [line for line in lines if "Hounsfield" in line]
     assert len(warning_lines) == 1, proc.stderr
-    assert warning_lines[0].startswith("warning: ")
     assert "do not look like Hounsfield units" in warning_lines[0]
     assert ".py:" not in proc.stderr  # no file name, line number or source line
     report = json.loads(out.with_name("m.json").read_text())
@@ -540,7 +656,7 @@ def test_full_disk_while_writing_the_mask(
     assert _run(["segment", ct, "-o", out, *_segment_args(weights)]) == OutputError.exit_code
     err = capsys.readouterr().err
     _assert_one_error(err, f"cannot write {out}: the disk is full")
-    assert list((tmp_path / "out").iterdir()) == []  # no mask, no report, no temporary file
+    assert not (tmp_path / "out").exists()  # no mask, no report, no temporary file, no empty folder
     assert ct.read_bytes() == before
 
 
@@ -548,14 +664,25 @@ def test_full_disk_while_writing_the_report_removes_the_mask(
     tmp_path: Path, weights: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A mask without its report is half a result: it is removed, so --continue redoes the case."""
-    import kitsseg.report
+    import kitsseg.atomic
 
     ct = _phantom_ct(tmp_path / "ct.nii.gz")
-    monkeypatch.setattr(kitsseg.report.os, "fsync", _enospc)
+    flush = kitsseg.atomic._fsync_path
+    flushed: list[str] = []
+
+    def disk_full_at_the_report(path: Path) -> None:  # only the report's temporary file hits the full disk
+        flushed.append(path.name)
+        if path.name.startswith(".m.json."):
+            _enospc()
+        flush(path)
+
+    monkeypatch.setattr(kitsseg.atomic, "_fsync_path", disk_full_at_the_report)
     out = tmp_path / "out" / "m.nii.gz"
     assert _run(["segment", ct, "-o", out, *_segment_args(weights)]) == OutputError.exit_code
     _assert_one_error(capsys.readouterr().err, "cannot write the report")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # the folder this run created is gone too
+    # The mask was flushed to disk like every output (its temporary keeps the .nii.gz), then the report.
+    assert [name.endswith(".tmp.nii.gz") for name in flushed] == [True, False]
 
 
 # ------------------------------------------------------------------------------ batches and parts
@@ -649,6 +776,33 @@ def test_slurm_array_variables_are_the_default_split(
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
 
+
+def test_console_script_runs_through_the_interrupt_safe_entry() -> None:
+    """``kitsseg`` (the installed script) starts in ``__main__.run``, like ``python -m kitsseg``."""
+    from importlib.metadata import entry_points
+
+    scripts = [e for e in entry_points(group="console_scripts") if e.name == "kitsseg"]
+    assert [e.value for e in scripts] == ["kitsseg.__main__:run"]
+
+
+def test_ctrl_c_while_the_cli_imports_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import types
+
+    from kitsseg.__main__ import run
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name: str) -> object:
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "kitsseg.cli", Importing("kitsseg.cli"))
+    with pytest.raises(SystemExit) as exc:
+        run()
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted; no partial output was left behind\n"
+
+
 #: Runs the real CLI, with predict_volume wrapped to say when the work has started and to hold the
 #: process there until the test interrupts it (a fixed sleep before SIGINT would race model loading).
 _INTERRUPTIBLE = """
@@ -708,7 +862,7 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path: Path, weights: Path, home: Pa
     code, err = _interrupt(args, tmp_path / "ready", 1, _env(home))
     assert code == EXIT_INTERRUPTED, err
     _assert_one_error(err, "interrupted")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # the folder this run created is gone too
     assert _snapshot(tmp_path / "in") == before
 
 
@@ -722,7 +876,7 @@ def test_sigterm_leaves_no_partial_output(tmp_path: Path, weights: Path, home: P
     code, err = _interrupt(args, tmp_path / "ready", 1, _env(home), sig=signal.SIGTERM)
     assert code == EXIT_TERMINATED == 143, err
     _assert_one_error(err, "terminated; no partial output was left behind")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # the folder this run created is gone too
     assert _snapshot(tmp_path / "in") == before
 
 
@@ -748,7 +902,10 @@ def test_ctrl_c_in_a_batch_keeps_the_finished_cases(tmp_path: Path, weights: Pat
     code, err = _interrupt(args, tmp_path / "ready", 2, _env(home))  # during the second case
     assert code == EXIT_INTERRUPTED, err
     _assert_one_error(err, "interrupted")
-    assert sorted(p.name for p in out.iterdir()) == ["case_00.json", "case_00.nii.gz", "kitsseg-batch.json"]
+    # case_00 complete (its mask, report and label tables), nothing of the interrupted cases, no temporaries
+    names = sorted(p.name for p in out.iterdir())
+    assert {"case_00.json", "case_00.nii.gz", "kitsseg-batch.json"} <= set(names)
+    assert [n for n in names if not n.startswith("case_00.") and n != "kitsseg-batch.json"] == []
     assert set(np.unique(load_labels(out / "case_00.nii.gz").data)) <= {0, 1, 2}
     summary = json.loads((out / "kitsseg-batch.json").read_text())
     assert summary["interrupted"] is True

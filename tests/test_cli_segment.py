@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from kitsseg.cli import main
-from kitsseg.errors import EXIT_BATCH_FAILED, DeviceError, InputNotFoundError, KitssegError, OutputError
+from kitsseg.errors import EXIT_BATCH_FAILED, DeviceError, InputNotFoundError, InvalidOptionError, OutputError
 from kitsseg.phantom import make_phantom, write_phantom
 from kitsseg.volume import load_labels, write_frame
-from test_predict import write_oracle_weights
+from oracle import write_oracle_weights
 
 SHAPE = (20, 64, 64)
 SPACING = (2.5, 0.8, 0.8)
@@ -174,10 +174,12 @@ def test_user_errors_exit_with_their_code(
     src = _folder(tmp_path, n=1)
     assert (
         _run([src, "-o", tmp_path / "o", "--reference", src / "case_00.nii.gz"], weights)
-        == KitssegError.exit_code
+        == InvalidOptionError.exit_code
+        == 2
     )
-    assert _run([src / "case_00.nii.gz", "-o", tmp_path / "m.nii.gz", "--num-parts", "2"], weights) == 1
-    assert _run([src / "case_00.nii.gz", "-o", tmp_path / "m.nii.gz", "--eig-bounds", "x"], weights) == 1
+    one = [src / "case_00.nii.gz", "-o", tmp_path / "m.nii.gz"]
+    assert _run([*one, "--num-parts", "2"], weights) == InvalidOptionError.exit_code
+    assert _run([*one, "--eig-bounds", "x"], weights) == InvalidOptionError.exit_code
     err = capsys.readouterr().err
     assert "Traceback" not in err
 

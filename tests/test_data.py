@@ -14,7 +14,8 @@ from kitsseg.phantom import make_phantom, write_phantom
 from kitsseg.preprocess import band_height, band_start, resize, window
 from kitsseg.slicecache import CacheSpec, build_cache, extract_slices, open_cache, open_or_build
 
-SPEC = CacheSpec(kidney_input=(32, 32), tumor_input=(16, 32))
+SPEC = CacheSpec(kidney_input=(32, 32), tumor_input=(16, 32), pixel_spacing_mm=2.5)
+LEGACY = CacheSpec(kidney_input=(32, 32), tumor_input=(16, 32), pixel_spacing_mm=None)
 SHAPE = (12, 64, 64)
 
 
@@ -135,12 +136,13 @@ def test_slice_set_validates() -> None:
 
 
 def test_extract_slices_matches_inference_preprocessing_and_band() -> None:
+    """The legacy geometry (weights without a model pixel spacing): each slice resized whole."""
     import torch
 
     ct, labels = make_phantom(SHAPE, (3.0, 1.2, 1.2), seed=5)
     assert not labels[0].any()
     labels[0, 20:28, 20:28] = 3  # a cyst (KiTS21+) alone on slice 0 counts as kidney
-    arrays, entry = extract_slices(ct, labels, SPEC)
+    arrays, entry = extract_slices(ct, labels, LEGACY)
     fg = labels > 0
     expected = np.flatnonzero(fg.any(axis=(1, 2)))
     assert entry["slices"] == expected.tolist()
@@ -167,6 +169,34 @@ def test_extract_slices_matches_inference_preprocessing_and_band() -> None:
     assert arrays["tumor_masks"][has_tumor].any(axis=(1, 2)).all()
     assert entry["eig_ratios"]
     assert all(r is None or r >= 1.0 for r in entry["eig_ratios"])
+
+
+def test_cache_slices_of_a_non_square_ct_equal_the_inference_input() -> None:
+    """On the model grid (the default), the cached kidney input of a non-square CT with anisotropic
+    pixels is the tensor the kidney network gets at inference, and the band lies on the grid rows."""
+    import os
+
+    import torch
+
+    from kitsseg.predict import predict_volume
+    from oracle import band_pass_unet, make_bundle
+
+    ct, labels = make_phantom((6, 40, 56), (3.0, 1.4, 1.1), seed=2)
+    arrays, entry = extract_slices(ct, labels, SPEC, spacing_rc=(1.4, 1.1))
+    net = band_pass_unet(0.2, 0.9)
+    seen: list[torch.Tensor] = []
+    net.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().clone()))
+    bundle = make_bundle(net, None, kidney_size=(32, 32), meta={"pixel_spacing_mm": 2.5})
+    os.environ["KITSSEG_FUSED_CONV"] = "0"  # the module itself runs, so the hook sees its input
+    try:
+        predict_volume(ct, bundle, batch_size=len(ct), spacing_rc=(1.4, 1.1))
+    finally:
+        del os.environ["KITSSEG_FUSED_CONV"]
+    inference = torch.cat(seen)[entry["slices"], 0].numpy()
+    assert np.abs(arrays["kidney_images"] / 255.0 - inference).max() <= 0.5 / 255 + 1e-6
+    assert entry["band_frame"] == "grid"
+    rows = np.flatnonzero(arrays["kidney_masks"].any(axis=(0, 2)))
+    assert entry["band"] == [band_start(int(rows[0]), int(rows[-1]), 32), 16]
 
 
 def test_cache_is_built_once_then_reused_and_rebuilt_on_spec_change(dataset: Path, tmp_path: Path) -> None:

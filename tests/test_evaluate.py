@@ -253,6 +253,22 @@ def test_outputs_csv_and_summary(dataset, tmp_path):
     assert summary["metrics"]["dice_kidney_tumor"]["std"] == pytest.approx(np.std(dice_kt))
 
 
+def test_tumor_counts_per_case_and_pooled(dataset, tmp_path):
+    """Each phantom has one tumor box: found when perfect or shifted, missed when called kidney."""
+    pred_dir, gt_dir, _, _ = dataset
+    res = evaluate(pred_dir, gt_dir, out_dir=tmp_path / "out")
+    counts = {r["case"]: (r["tumors_gt"], r["tumors_found"], r["tumors_false_positive"]) for r in res.rows}
+    assert counts == {"case_00000": (1, 1, 0), "case_00001": (1, 0, 0), "case_00002": (1, 1, 0)}
+    overall = json.loads((tmp_path / "out" / "summary.json").read_text())["lesions"]["overall"]
+    assert overall["tumors_gt"] == 3
+    assert overall["sensitivity"] == pytest.approx(2 / 3)
+    assert overall["false_positives_per_case"] == 0.0
+    # an 18-voxel box of 3 x 0.8 x 0.7 mm: d = (6 * 18 * 1.68 / pi)^(1/3) = 3.87 mm
+    (tumor,) = res.rows[1]["lesions"].gt
+    assert tumor.diameter_mm == pytest.approx((6 * 18 * 1.68 / math.pi) ** (1 / 3))
+    assert tumor.size_class == "<=20mm"
+
+
 def test_workers_do_not_change_the_result(dataset):
     pred_dir, gt_dir, _, _ = dataset
     r1 = evaluate(pred_dir, gt_dir, workers=1)
@@ -375,6 +391,11 @@ def test_real_kits19_labels_match_plain_numpy(tmp_path):
         kt, tu = expected[row["case"]]
         assert abs(row["dice_kidney_tumor"] - kt) <= 1e-6
         assert abs(row["dice_tumor"] - tu) <= 1e-6
+        assert row["tumors_gt"] >= 1  # every KiTS19 case has a tumor
+    erode, shift, drop = (r for r in sorted(res.rows, key=lambda r: list(expected).index(r["case"])))
+    assert erode["tumors_found"] == erode["tumors_gt"]  # tumor voxels untouched
+    assert erode["tumors_false_positive"] == 0
+    assert (drop["tumors_found"], drop["tumors_false_positive"]) == (0, 0)  # tumor called kidney
     with (tmp_path / "out" / "per_case.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == len(files)
 

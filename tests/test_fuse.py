@@ -90,12 +90,23 @@ def test_inference_model_is_folded_cached_and_refreshed_when_weights_change() ->
         torch.testing.assert_close(second(x), net(x), atol=1e-4, rtol=1e-4)
 
 
+def test_inference_model_leaves_the_thread_count_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folding is a library call: it must not change PyTorch's process-wide thread count, even briefly."""
+    from kitsseg.predict import inference_model
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    folded = inference_model(_trained_looking_unet(UNetConfig(base_width=4, depth=2)))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # it did fold
+    assert calls == []
+
+
 def test_predict_runs_the_folded_model_and_leaves_the_bundle_alone() -> None:
     import numpy as np
 
     from kitsseg.predict import predict_volume
     from kitsseg.preprocess import window
-    from test_predict import make_bundle
+    from oracle import make_bundle
 
     net = _trained_looking_unet(UNetConfig(base_width=4, depth=2))
     with torch.no_grad():
@@ -121,7 +132,7 @@ def test_native_bf16_detection_and_the_emulated_bf16_note(monkeypatch: pytest.Mo
     import numpy as np
 
     import kitsseg.predict as predict
-    from test_predict import constant_unet, make_bundle
+    from oracle import constant_unet, make_bundle
 
     assert isinstance(predict.native_bf16("cpu"), bool)
     assert predict.native_bf16("meta") is False

@@ -152,3 +152,71 @@ def test_predict_volume_gives_the_same_masks_with_and_without_fusion(monkeypatch
     assert 0 < fused.kidney_tumor_mask.sum() < fused.kidney_tumor_mask.size
     assert np.array_equal(fused.kidney_tumor_mask, plain.kidney_tumor_mask)
     assert np.array_equal(fused.tumor_mask, plain.tumor_mask)
+
+
+def test_the_self_check_runs_at_the_stage_input_size() -> None:
+    model = inference_model(random_unet(UNetConfig(base_width=4, depth=2), seed=8))
+    shapes: list[tuple[int, ...]] = []
+    hook = model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        assert isinstance(fused_forward(model, "cpu", bf16=False, input_size=(48, 64)), FusedUNet)
+        assert isinstance(fused_forward(model, "cpu", bf16=False, input_size=(48, 64)), FusedUNet)  # cached
+        assert isinstance(fused_forward(model, "cpu", bf16=False, input_size=(16, 32)), FusedUNet)
+    finally:
+        hook.remove()
+    assert shapes == [(1, 1, 48, 64), (1, 1, 16, 32)]  # one check per size, each at that size
+
+
+def test_an_operator_failing_only_at_the_real_size_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check on a small square would pass a fused network that breaks on the stage's real input."""
+    original = fused_unet._Conv.__call__
+
+    def fails_on_large_maps(self: fused_unet._Conv, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        if x.shape[-1] > 32:
+            raise RuntimeError("mkldnn: could not create a primitive descriptor")
+        return original(self, x, relu)
+
+    model = inference_model(random_unet(UNetConfig(base_width=4, depth=2), seed=9))
+    monkeypatch.setattr(fused_unet._Conv, "__call__", fails_on_large_maps)
+    assert isinstance(fused_forward(model, "cpu", bf16=False), FusedUNet)  # the small default check passes
+    assert fused_forward(model, "cpu", bf16=False, input_size=(64, 64)) is None
+
+
+def _oracle_bundle() -> WeightsBundle:
+    kidney = random_unet(UNetConfig(base_width=4, depth=2), seed=6)
+    tumor = random_unet(UNetConfig(base_width=4, depth=2), seed=7)
+    with torch.no_grad():  # put the thresholds where the random networks' logits are, so masks are mixed
+        kidney.head.bias.sub_(0.05)
+    return WeightsBundle(
+        kidney=StageModel(kidney, input_size=(32, 32), threshold=0.5),
+        tumor=StageModel(tumor, input_size=(16, 32), threshold=0.5),
+        metadata={"hu_window": [-200.0, 300.0]},
+    )
+
+
+def test_a_fused_network_failing_on_a_real_batch_falls_back_to_the_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches of 4 slices break the fused kernels (the self-check uses 1): the module takes over, the
+    masks are those of the plain engine, and the report's engine says what happened."""
+    bundle = _oracle_bundle()
+    ct = np.random.default_rng(0).normal(40, 150, size=(6, 48, 48)).astype(np.float32)
+    original = FusedUNet.__call__
+    calls: list[int] = []
+
+    def fails_on_big_batches(self: FusedUNet, x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise RuntimeError("oneDNN error: could not execute a primitive\nsecond line")
+        return original(self, x)
+
+    monkeypatch.setattr(FusedUNet, "__call__", fails_on_big_batches)
+    fell_back = predict_volume(ct, bundle, batch_size=4, bf16=False)
+    monkeypatch.setenv(fused_unet.ENV, "0")
+    plain = predict_volume(ct, bundle, batch_size=4, bf16=False)
+    assert 4 in calls  # the fused network was tried on a real batch
+    assert fell_back.engine.startswith("torch (onednn-fused failed on a batch")
+    assert "RuntimeError: oneDNN error: could not execute a primitive second line" in fell_back.engine
+    assert plain.engine == "torch"
+    assert np.array_equal(fell_back.kidney_tumor_mask, plain.kidney_tumor_mask)
+    assert np.array_equal(fell_back.tumor_mask, plain.tumor_mask)

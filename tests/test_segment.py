@@ -1,4 +1,4 @@
-"""`segment` and `segment_folder` end to end on phantoms with oracle weights (see test_predict.py).
+"""`segment` and `segment_folder` end to end on phantoms with oracle weights (see oracle.py).
 
 The oracle kidney model finds exactly the phantom's kidney+tumor voxels and the tumor model exactly its
 tumor voxels, so with mild noise the whole pipeline must reproduce the phantom's labels voxel for voxel,
@@ -7,6 +7,7 @@ in whatever array layout the CT is stored.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from kitsseg.segment import (
     split_cases,
 )
 from kitsseg.volume import load_labels, write_frame
-from test_predict import write_oracle_weights
+from oracle import write_oracle_weights
 
 SHAPE = (20, 64, 64)
 SPACING = (2.5, 0.8, 0.8)
@@ -247,7 +248,7 @@ def test_batch_with_one_bad_file_writes_the_others(tmp_path: Path, model) -> Non
 
 
 def test_unexpected_error_in_one_case_does_not_stop_the_batch(tmp_path: Path, model, monkeypatch) -> None:
-    import kitsseg.segment as seg
+    seg = importlib.import_module("kitsseg.segment")  # the module: `kitsseg.segment` is the function
 
     real = seg._segment_case
 

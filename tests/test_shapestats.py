@@ -167,7 +167,7 @@ def test_cli_stats_missing_folder(tmp_path, capsys):
 @pytest.mark.shared_data
 @pytest.mark.skipif(not SHARED_LABELS.is_dir(), reason="needs ../shared/data/kits19-labels")
 def test_kits19_labels_reproduce_paper_bounds():
-    """The paper's 1.07-2.8 (REFERENCE section 2: 1.07-2.79 with voxel-index coordinates)."""
+    """The paper's 1.07-2.8 (1.07-2.79 with the covariance of voxel-index coordinates)."""
     start = time.perf_counter()
     stats = shape_stats(SHARED_LABELS, workers=2)
     elapsed = time.perf_counter() - start

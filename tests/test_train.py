@@ -14,7 +14,7 @@ import torch
 from kitsseg.augment import AugmentConfig, augment_batch
 from kitsseg.checkpoint import load_bundle, read_metadata
 from kitsseg.data import SliceSet, find_cases, read_split
-from kitsseg.errors import DatasetError, KitssegError
+from kitsseg.errors import DatasetError, InvalidOptionError
 from kitsseg.model import UNet, UNetConfig
 from kitsseg.phantom import write_phantom
 from kitsseg.shapestats import tumor_ratios
@@ -174,6 +174,28 @@ def test_train_stage_in_memory_arrays_and_export(tmp_path: Path) -> None:
     assert bundle.metadata["band_fraction"] == 0.5
 
 
+def test_train_stage_sets_its_threads_only_while_it_runs(tmp_path: Path) -> None:
+    """``threads`` applies to the training and is undone after it: a library call leaves the process alone."""
+    data = _disk_set(4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    try:
+        train_stage(
+            "kidney",
+            data,
+            data,
+            tmp_path / "k",
+            tiny_config(epochs=1, threads=1),
+            on_event=lambda name, info: seen.append(torch.get_num_threads()),
+        )
+        assert seen
+        assert set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_channels_last_and_scaler_resume(tmp_path: Path, amp: str) -> None:
     """The CUDA code path (autocast, grad scaler, NHWC) exercised on the CPU."""
@@ -269,9 +291,9 @@ def test_finished_run_is_not_retrained_and_is_protected(reference, dataset: Path
     again = train(dataset, reference.run_dir, tiny_config(cache_dir=cache_dir, resume=True))
     assert again.stages["kidney"].epochs_completed == 2
     assert (reference.run_dir / "kidney" / "last.pt").stat().st_mtime_ns == stamp
-    with pytest.raises(KitssegError, match="--resume"):
+    with pytest.raises(InvalidOptionError, match="--resume"):
         train(dataset, reference.run_dir, tiny_config(cache_dir=cache_dir))
-    with pytest.raises(KitssegError, match="hu-window"):
+    with pytest.raises(InvalidOptionError, match="hu-window"):
         train(
             dataset,
             reference.run_dir,
@@ -325,9 +347,9 @@ def test_exported_weights_segment_a_phantom(reference, tmp_path: Path) -> None: 
 def test_tumor_only_run_needs_and_uses_kidney_weights(
     reference, dataset: Path, cache_dir: Path, tmp_path: Path
 ) -> None:  # noqa: ANN001
-    with pytest.raises(KitssegError, match="--kidney-weights"):
+    with pytest.raises(InvalidOptionError, match="--kidney-weights"):
         train(dataset, tmp_path / "a", tiny_config(cache_dir=cache_dir, model="tumor"))
-    with pytest.raises(KitssegError, match="window"):
+    with pytest.raises(InvalidOptionError, match="window"):
         train(
             dataset,
             tmp_path / "b",

@@ -12,15 +12,19 @@ Settings: blocks up to 32 MB (glibc's largest mmap threshold) come from the heap
 kept up to 1 GiB before it is trimmed, and the heap grows 64 MB at a time. Peak memory is unchanged in
 that measurement (872 against 839 MB). Only glibc on Linux is touched; ``KITSSEG_MALLOPT=0`` turns it
 off. The settings are process-wide and applied once.
+
+Because they change the whole process, no library call applies them: the ``kitsseg segment`` command does
+at its start, and a program embedding kitsseg opts in with :func:`kitsseg.tune_process`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import platform
 import sys
+
+from . import env
 
 #: glibc's ``mallopt`` parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -38,7 +42,7 @@ def tune_cpu_allocator() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("KITSSEG_MALLOPT", "1").strip() == "0":
+    if not env.mallopt_enabled():
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False

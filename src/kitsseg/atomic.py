@@ -7,9 +7,9 @@ only atomic within one file system), written and flushed to disk, then ``os.repl
 on any failure the temporary is removed and the old target, if any, is untouched.
 
 The temporary is hidden (``.<name>.<random>.tmp``) so folder scans (``volume.find_nifti``) skip it, and
-can keep a suffix a writer relies on (``nibabel`` picks gzip from ``.nii.gz``, PIL the format from
-``.png``). ``tempfile.mkstemp`` creates it with mode ``0o600``; the finished file gets what a plain
-``open()`` would give, ``0o666`` minus the umask, so a shared weights file or results folder stays readable.
+can keep a suffix a writer relies on (``nibabel`` picks gzip from ``.nii.gz``). ``tempfile.mkstemp``
+creates it with mode ``0o600``; the finished file gets what a plain ``open()`` would give, ``0o666`` minus
+the umask, so a shared weights file or results folder stays readable.
 
 Callers keep their own error translation (``OSError`` -> :class:`~kitsseg.errors.OutputError` with their
 message): this module raises the ``OSError`` of the step that failed, e.g. ``FileNotFoundError`` when the
@@ -19,11 +19,13 @@ destination folder does not exist (it never creates folders; some callers must r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "atomic_output",
@@ -72,16 +74,14 @@ def _fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(
-    path: str | os.PathLike[str], *, suffix: str | None = None, fsync: bool = True
-) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike[str], *, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on clean exit move the written file into place.
 
     ``suffix`` (e.g. ``".nii.gz"``, ``".png"``) ends the temporary name for writers that choose the format
     from it; a target name ending in the same suffix drops it from the hidden stem. On clean exit the file
-    is fsynced (when ``fsync`` and it is a regular file), given :func:`default_file_mode` and renamed over
-    ``path`` with ``os.replace``. On any exception, ``KeyboardInterrupt`` included, the temporary is removed
-    and the exception re-raised; ``path`` is then left exactly as it was.
+    is fsynced (when it is a regular file; every output, masks included), given :func:`default_file_mode`
+    and renamed over ``path`` with ``os.replace``. On any exception, ``KeyboardInterrupt`` included, the
+    temporary is removed and the exception re-raised; ``path`` is then left exactly as it was.
 
     Raises the underlying ``OSError`` (``FileNotFoundError`` when the folder of ``path`` does not exist).
     """
@@ -94,8 +94,7 @@ def atomic_output(
     try:
         os.close(fd)
         yield tmp
-        if fsync:
-            _fsync_path(tmp)
+        _fsync_path(tmp)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -143,3 +142,12 @@ def write_user_output(path: str | os.PathLike[str], text: str, subject: str) -> 
         hint = "" if started else "; choose a writable folder"
         raise OutputError(f"cannot write {subject}: {exc.strerror or exc}{hint}") from exc
     return path
+
+
+def write_json_output(path: str | os.PathLike[str], data: Any, subject: str) -> Path:
+    """Write ``data`` as indented JSON with :func:`write_user_output` (the one JSON writer of user outputs).
+
+    ``allow_nan=False``: JSON has no NaN or infinity, so a value that slipped through unconverted is an
+    error here rather than a file other tools cannot read (callers turn them into ``null`` first).
+    """
+    return write_user_output(path, json.dumps(data, indent=2, allow_nan=False) + "\n", subject)

@@ -6,12 +6,19 @@ holds one JSON string of metadata (model configs, HU window, input sizes, thresh
 bounds, provenance) and one state dict per stage (``kidney`` and optionally ``tumor``), stored in fp16 to
 keep shipped files small; they are cast back to fp32 when loaded. No new dependency is needed for this
 (safetensors would be the alternative; torch's restricted unpickler gives the same guarantee here).
+
+The safe loader still inflates every tensor record into memory, and a zip archive can declare members far
+larger than the file (issue 18: a 2 MB archive that inflates to 2 GiB took 4.3 GB of memory before
+torch refused it). So before ``torch.load`` the archive's central directory is read (``zipfile``: names and
+declared sizes only, nothing is inflated) and a file that would inflate beyond :data:`MAX_INFLATED_BYTES`
+is refused; torch's reader allocates each record by its declared size, so the declared sum bounds memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,11 @@ from .model import UNet, UNetConfig
 
 FORMAT = "kitsseg-weights/1"
 STAGES = ("kidney", "tumor")
+#: Most bytes the members of a weights archive may declare in all (inflated). The starter weights inflate
+#: to 7.8 MB and two of the paper's 64-channel U-Nets (31.0 M parameters each) to 0.12 GB in fp16 (counted
+#: with ``UNet(UNetConfig.paper())``); 1 GiB leaves room for larger
+#: models while keeping a hostile archive from taking the machine's memory. ``max_inflated`` overrides it.
+MAX_INFLATED_BYTES = 1 << 30
 
 
 @dataclass
@@ -96,14 +108,19 @@ def save_bundle(
     return path
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read only the metadata of a weights file (still through the safe loader)."""
-    return json.loads(_safe_load(path)["metadata"])
+def read_metadata(path: str | os.PathLike[str], *, max_inflated: int | None = None) -> dict[str, Any]:
+    """Read only the metadata of a weights file (still through the safe loader, within the size bound)."""
+    return json.loads(_safe_load(path, max_inflated)["metadata"])
 
 
-def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> WeightsBundle:
-    """Load a weights file safely and rebuild its networks in eval mode on ``device``."""
-    payload = _safe_load(path)
+def load_bundle(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, max_inflated: int | None = None
+) -> WeightsBundle:
+    """Load a weights file safely and rebuild its networks in eval mode on ``device``.
+
+    ``max_inflated``: the bound of :func:`check_inflated_size` (default :data:`MAX_INFLATED_BYTES`).
+    """
+    payload = _safe_load(path, max_inflated)
     try:
         meta = json.loads(payload["metadata"])
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
@@ -131,7 +148,36 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     return WeightsBundle(stages["kidney"], stages.get("tumor"), meta)
 
 
-def _safe_load(path: str | os.PathLike[str]) -> dict[str, Any]:
+def check_inflated_size(path: str | os.PathLike[str], max_inflated: int | None = None) -> int:
+    """Refuse a weights file that is not a zip archive or whose members would inflate beyond the bound.
+
+    Reads only the central directory (the declared sizes); returns the declared total in bytes. Raises
+    :class:`WeightsError` (missing file, not a torch zip archive, too large once inflated).
+    """
+    limit = MAX_INFLATED_BYTES if max_inflated is None else int(max_inflated)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(max(int(info.file_size), 0) for info in archive.infolist())
+    except FileNotFoundError as exc:
+        raise WeightsError(f"weights file {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise WeightsError(f"weights file {path} is a folder; give the weights file itself") from exc
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise WeightsError(
+            f"{path}: cannot be read as kitsseg weights (not a torch zip archive: {exc}); it may be "
+            "truncated or corrupt: download or export it again"
+        ) from exc
+    if total > limit:
+        raise WeightsError(
+            f"{path}: refused, its members would inflate to {total / 2**20:.0f} MiB, more than the "
+            f"{limit / 2**20:.0f} MiB a kitsseg weights file may hold (a compressed archive of this kind is "
+            "how a file exhausts memory on loading); use weights exported by kitsseg"
+        )
+    return total
+
+
+def _safe_load(path: str | os.PathLike[str], max_inflated: int | None = None) -> dict[str, Any]:
+    check_inflated_size(path, max_inflated)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:

@@ -1,21 +1,26 @@
 """Choosing the compute device and the number of CPU threads, with clear errors.
 
-Users ask peers' tools for explicit device and thread control (REFERENCE section 4): on a cluster node the
-job may own 4 of 64 cores, and PyTorch's default (all physical cores of the machine) then oversubscribes
-the node and runs slower than with the right number. ``set_threads`` therefore defaults to the cores this
-process may actually run on (``os.sched_getaffinity``, which honours cgroups/taskset/Slurm bindings),
-unless ``OMP_NUM_THREADS`` says otherwise.
+Cluster users of segmentation tools ask for explicit device and thread control: on a cluster node the job
+may own 4 of 64 cores, and PyTorch's default (all physical cores of the machine) then oversubscribes the
+node and runs slower than with the right number. ``default_threads`` is therefore the cores this process
+may actually run on (``os.sched_getaffinity``, which honours cgroups/taskset/Slurm bindings), unless
+``OMP_NUM_THREADS`` says otherwise.
+
+PyTorch's intra-op thread count belongs to the whole process, so library calls never change it behind the
+caller's back: :func:`tune_process` sets it (and the allocator settings) once, from the CLI's entry point
+or from a program that opts in; :func:`torch_threads` sets it only for the duration of a call that was
+given an explicit thread count, and puts the previous value back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
-from .errors import DeviceError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from .errors import DeviceError, InvalidOptionError
 
 
 def select_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -71,7 +76,10 @@ def default_threads() -> int:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Set PyTorch's intra-op CPU threads to ``n`` (default :func:`default_threads`); return the count."""
+    """Set PyTorch's intra-op CPU threads to ``n`` (default :func:`default_threads`); return the count.
+
+    Process-wide: meant for entry points (:func:`tune_process`, the training loop), not for library calls.
+    """
     if n is None:
         n = default_threads()
     if int(n) < 1:
@@ -82,9 +90,56 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
-def describe(device: torch.device) -> str:
-    """A human-readable name for the report: ``'cpu (2 threads)'`` or ``'cuda:0 (NVIDIA H100 ...)'``."""
+def check_threads(n: int | None) -> int | None:
+    """``n`` as an int, or ``None``; an :class:`InvalidOptionError` when it is below 1."""
+    if n is None:
+        return None
+    if int(n) < 1:
+        raise InvalidOptionError(f"--threads must be at least 1, got {n}")
+    return int(n)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with PyTorch's intra-op threads at ``n``, then restore the previous count.
+
+    ``None`` (or the count already in effect) changes nothing. The count is process-wide, so another thread
+    running PyTorch at the same time sees it too; a caller that wants no change at all passes ``None``.
+    """
+    n = check_threads(n)
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tune_process(threads: int | None = None, *, allocator: bool = True) -> int:
+    """Opt in to kitsseg's process-wide settings; returns PyTorch's CPU thread count now in effect.
+
+    Sets PyTorch's intra-op threads to ``threads`` (default :func:`default_threads`: the cores this job may
+    use) and, with ``allocator``, applies the glibc allocator settings of :mod:`kitsseg.allocator` (once per
+    process; ``KITSSEG_MALLOPT=0`` turns them off). The ``kitsseg segment`` command calls it at its start; a
+    program embedding kitsseg may call it once, before loading models. Library calls never do.
+    """
+    from .allocator import tune_cpu_allocator
+
+    n = set_threads(check_threads(threads))
+    if allocator:
+        tune_cpu_allocator()  # before anything big is allocated: see kitsseg.allocator
+    return n
+
+
+def describe(device: torch.device, threads: int | None = None) -> str:
+    """A human-readable name for the report: ``'cpu (2 threads)'`` or ``'cuda:0 (NVIDIA H100 ...)'``.
+
+    ``threads``: the CPU threads the work will run with (default: PyTorch's current count).
+    """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({threads if threads is not None else torch.get_num_threads()} threads)"

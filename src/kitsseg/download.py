@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cache import file_lock, lock_path
+from .cache import cache_write_errors, file_lock, lock_path
 from .errors import ChecksumError, WeightsError
 
 if TYPE_CHECKING:
@@ -106,10 +106,26 @@ def download(
         ``.partial`` file is kept so the next call resumes.
     ChecksumError
         The finished download does not match ``sha256``; it is deleted.
+    OutputError
+        The cache folder cannot be written (a read-only mount, permissions, a full disk).
     """
     policy = policy or DownloadPolicy()
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with cache_write_errors(dest.parent):  # network failures are WeightsErrors by then; these are the disk's
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return _download_locked(url, dest, sha256, progress, policy, session, validate)
+
+
+def _download_locked(
+    url: str,
+    dest: Path,
+    sha256: str | None,
+    progress: bool | Console,
+    policy: DownloadPolicy,
+    session: requests.Session | None,
+    validate: Callable[[Path], None] | None,
+) -> Path:
+    """:func:`download` once its folder exists: everything under the lock of ``dest``."""
     console = _console(progress)
     expected = sha256.lower() if sha256 else None
 
@@ -183,7 +199,9 @@ def _fetch_with_retries(
             ) from last
         wait = policy.delay(attempt)
         if console is not None:
-            console.print(f"[yellow]{_describe(last)}; retrying in {wait:g} s[/]", highlight=False)
+            from rich.markup import escape  # a reason quoting a URL or path must not be read as markup
+
+            console.print(f"[yellow]{escape(_describe(last))}; retrying in {wait:g} s[/]", highlight=False)
         policy.sleep(wait)
         attempt += 1
 

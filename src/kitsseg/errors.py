@@ -29,7 +29,11 @@ class KitssegWarning(UserWarning):
 
 
 class InvalidOptionError(KitssegError, ValueError):
-    """An option value is out of range or inconsistent (bad bounds, unit, connectivity...)."""
+    """An option value is out of range or inconsistent with the others (bad bounds, unit, job-array part...).
+
+    Every option error goes through this one class, in the library and in each CLI command, so it always
+    exits with 2: the code click gives a command line it cannot parse, which is the same kind of mistake.
+    """
 
     exit_code = 2
 
@@ -92,5 +96,7 @@ class ResourceError(KitssegError, MemoryError):
 EXIT_INTERRUPTED = 130
 #: Exit code when the process is asked to stop with SIGTERM (Slurm at a time limit): 128 + SIGTERM.
 EXIT_TERMINATED = 143
-#: Exit code of a batch in which at least one case failed while the others were written.
-EXIT_BATCH_FAILED = 2
+#: Exit code of a batch in which at least one case failed while the others were written (``segment`` on a
+#: folder, ``evaluate``): a code of its own, so a job script can tell "some cases failed" from a usage error
+#: (2) or an input error (3-11) that stopped the whole run.
+EXIT_BATCH_FAILED = 12

@@ -9,12 +9,18 @@ internal frame whatever its stored axis order, so a prediction saved in RAS ``(x
 with KiTS19-layout ground truth. If the two really lie on different voxel grids the case becomes an error
 row (nothing is resampled) and the other cases go on; an unreadable file does the same.
 
+Besides the voxel metrics, each case's tumors are matched as objects (:mod:`kitsseg.lesions`): how many
+ground-truth tumors there are, how many the prediction found, how many predicted tumors are false
+positives; ``summary.json`` pools them into a lesion sensitivity and false positives per case, overall and
+per tumor size class.
+
 Reading gzip NIfTI dominates the time, so cases run in worker processes (``workers``); rows are sorted by
 case name, so the result does not depend on the number of workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -27,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import write_text_atomic
+from .atomic import atomic_output
 from .errors import DatasetError, GridMismatchError, InputNotFoundError, KitssegError, OutputError
+from .lesions import DEFAULT_MIN_OVERLAP, LesionMatch, check_min_overlap, match_lesions, summarize_lesions
 from .metrics import (
     DEFAULT_TOLERANCE_MM,
     EMPTY_MASK_RULE,
@@ -38,8 +45,21 @@ from .metrics import (
     summarize,
 )
 
-#: Columns of ``per_case.csv`` (and keys of every row), in order.
-COLUMNS: tuple[str, ...] = ("case", "status", *METRIC_NAMES, "message", "pred_file", "gt_file")
+#: Lesion-detection columns (counts of tumors as objects, see :mod:`kitsseg.lesions`).
+LESION_COLUMNS: tuple[str, ...] = ("tumors_gt", "tumors_found", "tumors_false_positive")
+
+#: Columns of ``per_case.csv``, in order. Every row has these keys, and also ``lesions``: the case's
+#: :class:`~kitsseg.lesions.LesionMatch` (each tumor's size and coverage; ``None`` in error rows), which is
+#: not a CSV column.
+COLUMNS: tuple[str, ...] = (
+    "case",
+    "status",
+    *METRIC_NAMES,
+    *LESION_COLUMNS,
+    "message",
+    "pred_file",
+    "gt_file",
+)
 
 CSV_NAME = "per_case.csv"
 SUMMARY_NAME = "summary.json"
@@ -53,9 +73,10 @@ DEFINITIONS = {
     "hd95_*_mm": "max of the two directed 95th percentiles of surface-voxel distances, in mm",
     "surface_dice_*": "fraction of both surfaces within tolerance_mm of the other surface",
     "std": "population standard deviation (ddof=0)",
+    "tumors_gt": "ground-truth tumors of a case (26-connected components of label 2)",
+    "tumors_found": "ground-truth tumors covered by predicted tumor voxels for at least lesions.min_overlap",
+    "tumors_false_positive": "predicted tumors (components of label 2) touching no ground-truth tumor voxel",
 }
-
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass
@@ -92,10 +113,6 @@ class EvaluationResult:
 
 
 # --------------------------------------------------------------------------------------------- matching
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
 def _discover(path: Path, side: str) -> list[Path]:
@@ -178,13 +195,21 @@ def match_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], lis
 def _empty_row(case: str, pred_file: Path, gt_file: Path) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS, math.nan)
     row.update(case=case, status="ok", message="", pred_file=str(pred_file), gt_file=str(gt_file))
+    row["lesions"] = None
     return row
 
 
-def evaluate_case(case: str, pred_file: Path, gt_file: Path, tolerance_mm: float) -> dict[str, Any]:
+def evaluate_case(
+    case: str,
+    pred_file: Path,
+    gt_file: Path,
+    tolerance_mm: float,
+    lesion_overlap: float = DEFAULT_MIN_OVERLAP,
+) -> dict[str, Any]:
     """Load one pair into the frame and score it; problems the user can fix become an error row.
 
-    Runs in worker processes, so it must stay a module-level function with picklable arguments.
+    Runs in worker processes, so it must stay a module-level function with picklable arguments (the
+    row's :class:`~kitsseg.lesions.LesionMatch` is a frozen dataclass of plain values, so it pickles too).
     """
     from .volume import load_labels, same_grid
 
@@ -201,6 +226,13 @@ def evaluate_case(case: str, pred_file: Path, gt_file: Path, tolerance_mm: float
                 "the ground truth's grid"
             )
         row.update(case_metrics(pred_vol.data, gt_vol.data, gt_vol.spacing, tolerance_mm=tolerance_mm))
+        match = match_lesions(pred_vol.data, gt_vol.data, gt_vol.spacing, min_overlap=lesion_overlap)
+        row.update(
+            tumors_gt=match.n_gt,
+            tumors_found=match.n_found,
+            tumors_false_positive=match.n_false_positive,
+            lesions=match,
+        )
     except (KitssegError, OSError, EOFError, MemoryError) as exc:
         row = _empty_row(case, pred_file, gt_file)
         row.update(status="error", message=f"{type(exc).__name__}: {exc}")
@@ -222,9 +254,14 @@ def build_summary(
     unmatched_pred: list[Path],
     unmatched_gt: list[Path],
     tolerance_mm: float,
+    lesion_overlap: float = DEFAULT_MIN_OVERLAP,
 ) -> dict[str, Any]:
-    """The ``summary.json`` dict: statistics of every metric over the evaluated cases, and the rules."""
+    """The ``summary.json`` dict: statistics of every metric over the evaluated cases, and the rules.
+
+    ``lesions`` pools the tumor counts of the evaluated cases (:func:`kitsseg.lesions.summarize_lesions`).
+    """
     ok_rows = [r for r in rows if r["status"] == "ok"]
+    matches: list[LesionMatch] = [r["lesions"] for r in ok_rows]
     return {
         "kitsseg_version": __version__,
         "pred": str(pred),
@@ -242,6 +279,7 @@ def build_summary(
         "surface_regions": list(SURFACE_REGIONS),
         "definitions": DEFINITIONS,
         "metrics": {name: summarize([r[name] for r in ok_rows]) for name in METRIC_NAMES},
+        "lesions": summarize_lesions(matches, min_overlap=lesion_overlap),
     }
 
 
@@ -276,20 +314,52 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def check_output_folder(out_dir: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an ``-o`` that is a file, or whose ``per_case.csv``/``summary.json`` is (or links to) an
+    input; checked before any case is scored."""
+    from .guard import refuse_outputs_on_inputs
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output {out_dir} exists and is not a folder; give a folder for -o")
+    refuse_outputs_on_inputs(
+        [("output", out_dir / CSV_NAME), ("output", out_dir / SUMMARY_NAME)],
+        [("input file", p) for p in inputs],
+    )
+
+
 def write_outputs(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``per_case.csv`` and ``summary.json`` into ``out_dir`` (created if needed), atomically."""
+    """Write ``per_case.csv`` and ``summary.json`` into ``out_dir`` (created if needed), both or neither.
+
+    Both are written to temporary files and flushed to disk first; only then are both renamed into place
+    (a rename needs no space). A full disk while writing either leaves the previous pair, if any, as it
+    was: never a new ``per_case.csv`` beside an old or missing ``summary.json``. A folder created here is
+    removed again when nothing could be written.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output {out_dir} exists and is not a folder; give a folder for -o")
+    csv_path = out_dir / CSV_NAME
+    summary_path = out_dir / SUMMARY_NAME
+    csv_text = rows_to_csv(result.rows)
+    summary_text = json.dumps(_json_safe(result.summary), indent=2, allow_nan=False) + "\n"
+    created = [p for p in (*reversed(out_dir.parents), out_dir) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        csv_path = out_dir / CSV_NAME
-        summary_path = out_dir / SUMMARY_NAME
-        write_text_atomic(csv_path, rows_to_csv(result.rows), newline="")
-        text = json.dumps(_json_safe(result.summary), indent=2, allow_nan=False) + "\n"
-        write_text_atomic(summary_path, text, newline="")
+        # Both flushed inside the block, before either is renamed on the way out (a rename needs no space).
+        with atomic_output(csv_path) as tmp_csv, atomic_output(summary_path) as tmp_json:
+            for tmp, text in ((tmp_csv, csv_text), (tmp_json, summary_text)):
+                with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
     except OSError as exc:
-        raise OutputError(f"cannot write evaluation results to {out_dir}: {exc}; check the folder") from exc
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise OutputError(
+            f"cannot write evaluation results to {out_dir}: {exc.strerror or exc}; neither {CSV_NAME} nor "
+            f"{SUMMARY_NAME} was changed: free some space or choose another folder"
+        ) from exc
     return csv_path, summary_path
 
 
@@ -303,6 +373,7 @@ def evaluate(
     out_dir: str | os.PathLike[str] | None = None,
     workers: int = 1,
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    lesion_overlap: float = DEFAULT_MIN_OVERLAP,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> EvaluationResult:
     """Score predictions against ground truth, case by case, and summarize.
@@ -318,6 +389,9 @@ def evaluate(
         Worker processes; 1 runs in this process. The result does not depend on it.
     tolerance_mm
         Tolerance of the surface Dice, in mm.
+    lesion_overlap
+        Fraction (0, 1] of a ground-truth tumor's voxels that predicted tumor voxels must cover for the
+        tumor to count as found (:mod:`kitsseg.lesions`; default 0.1).
     progress
         Called in this process with each finished row (in completion order), e.g. to advance a progress bar.
 
@@ -327,25 +401,33 @@ def evaluate(
         ``pred`` or ``gt`` does not exist, or a folder holds no NIfTI files.
     DatasetError
         No case names in common, or two files of one side share a case name.
+    InvalidOptionError
+        ``lesion_overlap`` is not in (0, 1] (also a ``ValueError``).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm}")
+    lesion_overlap = check_min_overlap(lesion_overlap)
     pred_path, gt_path = Path(pred), Path(gt)
     pairs, unmatched_pred, unmatched_gt = match_cases(pred_path, gt_path)
+    if out_dir is not None:
+        inputs = [p for _, pr, g in pairs for p in (pr, g)] + list(unmatched_pred) + list(unmatched_gt)
+        check_output_folder(Path(out_dir), inputs)
 
     rows: list[dict[str, Any]] = []
     n_workers = min(workers, len(pairs))
     if n_workers <= 1:
         for case, p, g in pairs:
-            row = evaluate_case(case, p, g, tolerance_mm)
+            row = evaluate_case(case, p, g, tolerance_mm, lesion_overlap)
             rows.append(row)
             if progress is not None:
                 progress(row)
     else:
         with ProcessPoolExecutor(max_workers=n_workers) as pool:
-            futures = [pool.submit(evaluate_case, case, p, g, tolerance_mm) for case, p, g in pairs]
+            futures = [
+                pool.submit(evaluate_case, case, p, g, tolerance_mm, lesion_overlap) for case, p, g in pairs
+            ]
             for fut in as_completed(futures):
                 row = fut.result()
                 rows.append(row)
@@ -360,6 +442,7 @@ def evaluate(
         unmatched_pred=unmatched_pred,
         unmatched_gt=unmatched_gt,
         tolerance_mm=tolerance_mm,
+        lesion_overlap=lesion_overlap,
     )
     result = EvaluationResult(rows, summary, unmatched_pred, unmatched_gt)
     if out_dir is not None:

@@ -4,8 +4,8 @@ In eval mode a BatchNorm is a fixed per-channel affine map, ``y = (x - mean) / s
 beta``, so it can be folded into the preceding convolution's weights and bias. The network then computes
 the same function with one memory-bound pass less per convolution: on a CPU, where the light default
 U-Net's convolutions run near the machine's throughput, these element-wise passes over full-resolution
-activation maps are a large part of what separates the wall time from the compute floor (REFERENCE
-section 5; ``benchmarks/README.md``).
+activation maps are a large part of what separates the wall time from the compute floor
+(``benchmarks/README.md``).
 
 Only what is exactly foldable is folded: a ``Conv2d`` immediately followed, inside one ``nn.Sequential``,
 by a ``BatchNorm2d`` with running statistics (the order :class:`kitsseg.model.DoubleConv` uses). Instance
@@ -15,7 +15,7 @@ norm depends on the input and is left alone.
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -73,7 +73,7 @@ def fuse_conv_bn(model: M) -> M:
         return model
     fused = copy.deepcopy(model)
     for container, i in foldable_pairs(fused):
-        conv, bn = container[i], container[i + 1]
+        conv, bn = cast(nn.Conv2d, container[i]), cast(nn.BatchNorm2d, container[i + 1])
         container[i] = fuse_conv_bn_eval(conv, bn)
         container[i + 1] = nn.Identity()
     return fused

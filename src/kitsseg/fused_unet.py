@@ -18,26 +18,30 @@ CPU (``benchmarks/README.md``): the kidney network's batch of 8 slices in bf16, 
 These operators (``torch.ops.mkldnn._convolution_pointwise``) are not public API. So :func:`fused_forward`
 builds the fused network only where they exist, for the architecture it knows (a :class:`~kitsseg.model.UNet`
 whose norms were folded away, transposed-convolution up-sampling), and checks it against the module itself
-on a small input before handing it out. Anywhere else (CUDA, a torch without oneDNN, instance norm,
-bilinear up-sampling, an operator whose signature changed, ``KITSSEG_FUSED_CONV=0``) inference runs the
-ordinary module, with the same results up to float rounding.
+at the stage's own input size (256x256 for the kidney network, 128x256 for the tumor band: oneDNN picks its
+kernels by shape, so a check on another size would not test the kernels inference uses) before handing it
+out. Anywhere else (CUDA, a torch without oneDNN, instance norm, bilinear up-sampling, an operator whose
+signature changed, ``KITSSEG_FUSED_CONV=0``) inference runs the ordinary module, with the same results up
+to float rounding; so does a stage whose fused network raises on a real batch (``predict._StageRunner``
+drops it, and the report's ``network_engine`` says why).
 """
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import env
 from .fuse import tensor_fingerprint
 from .model import UNet
 
 #: ``KITSSEG_FUSED_CONV=0`` runs the ordinary module (for comparisons, or if the fused path misbehaves).
-ENV = "KITSSEG_FUSED_CONV"
+ENV = env.FUSED_CONV
 
 #: Largest difference from the module's logits the self-check accepts, relative to their largest value:
 #: bf16 rounds to 8 significant bits, and the split convolution rounds its partial sum once more.
@@ -99,7 +103,7 @@ def _conv_pair(block: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d]:
         raise _Unsupported(
             f"a level is {[k.__name__ for k in kinds]}, not conv-relu-conv-relu (unfolded norm?)"
         )
-    return layers[0], layers[2]
+    return cast(nn.Conv2d, layers[0]), cast(nn.Conv2d, layers[2])
 
 
 def _double_conv(block: nn.Module, dtype: torch.dtype) -> tuple[_Conv, _Conv]:
@@ -126,29 +130,29 @@ class FusedUNet:
     only (no autograd). Build it with :func:`fused_forward`, which also checks it.
     """
 
-    def __init__(self, model: UNet, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         if not isinstance(model, UNet):
             raise _Unsupported(f"not a kitsseg UNet: {type(model).__name__}")
         self.dtype = dtype
         self.inc = _double_conv(model.inc, dtype)
-        self.downs = []
+        self.downs: list[tuple[_Conv, _Conv]] = []
         for down in model.downs:
-            _check_pool(down[0])
-            self.downs.append(_double_conv(down[1], dtype))
-        self.ups = []
+            levels = cast(nn.Sequential, down)
+            _check_pool(levels[0])
+            self.downs.append(_double_conv(levels[1], dtype))
+        self.ups: list[tuple[torch.Tensor, torch.Tensor | None, _Conv, _Conv, _Conv]] = []
         for up in model.ups:
-            if not (
-                isinstance(up.up, nn.ConvTranspose2d)
-                and up.up.stride == (2, 2)
-                and up.up.kernel_size == (2, 2)
-            ):
+            up_layer, block = cast(nn.Module, up.up), cast(nn.Module, up.conv)
+            if not isinstance(up_layer, nn.ConvTranspose2d):
                 raise _Unsupported("only transposed-convolution up-sampling is fused")
-            conv, second = _conv_pair(up.conv)
+            if up_layer.stride != (2, 2) or up_layer.kernel_size != (2, 2):
+                raise _Unsupported(f"not a 2x2 stride-2 up-convolution: {up_layer}")
+            conv, second = _conv_pair(block)
             half = conv.in_channels // 2
             self.ups.append(
                 (
-                    up.up.weight.detach().to(dtype),
-                    None if up.up.bias is None else up.up.bias.detach().to(dtype),
+                    up_layer.weight.detach().to(dtype),
+                    None if up_layer.bias is None else up_layer.bias.detach().to(dtype),
                     _Conv.of(conv, dtype, slice(0, half)),  # skip channels come first in the concatenation
                     _Conv.of(conv, dtype, slice(half, None), bias=False),
                     _Conv.of(second, dtype),
@@ -180,7 +184,7 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
     ``torch.backends.mkldnn.enabled = False`` (a user keeping oneDNN out, e.g. to compare against another
     backend) is respected: the fused kernels are oneDNN's.
     """
-    if os.environ.get(ENV, "1").strip() == "0":
+    if not env.fused_conv_enabled():
         return False
     mkldnn = torch.backends.mkldnn
     if torch.device(device).type != "cpu" or not mkldnn.is_available() or not mkldnn.enabled:
@@ -189,43 +193,58 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
     return op is not None and hasattr(op, "binary")
 
 
-def fused_forward(model: nn.Module, device: torch.device | str, bf16: bool) -> FusedUNet | None:
+def fused_forward(
+    model: nn.Module, device: torch.device | str, bf16: bool, input_size: tuple[int, int] | None = None
+) -> FusedUNet | None:
     """A checked :class:`FusedUNet` for the folded, eval-mode ``model``, or ``None`` to run the module.
 
+    ``input_size``: the ``(height, width)`` inference feeds the network (the stage's ``input_size``); the
+    self-check runs at that size, on one slice. ``None`` checks on a small square (``2 ** (depth + 1)``
+    pixels a side), for a network without a fixed input size.
+
     ``None`` when :func:`fused_available` says no, when the architecture is not one the fused forward
-    reproduces, or when the fused network's logits on a small random input differ from the module's (under
-    the same precision: autocast for bf16) by more than the tolerance. Built once per model and
-    precision while the model's tensors stay unchanged.
+    reproduces, or when the fused network's logits on a random input of that size differ from the module's
+    (under the same precision: autocast for bf16) by more than the tolerance, or raise. Built and checked
+    once per model, precision and size while the model's tensors stay unchanged.
     """
     if not fused_available(device):
         return None
     dtype = torch.bfloat16 if bf16 else torch.float32
+    size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
     fingerprint = tensor_fingerprint(model)
     built = _BUILT.setdefault(model, {})
-    if dtype in built and built[dtype][0] == fingerprint:
-        return built[dtype][1]
+    cached = built.get((dtype, size))
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    fused: FusedUNet | None
     try:
-        fused = FusedUNet(model, dtype)  # type: ignore[arg-type]
-        ok = _agrees(model, fused, bf16)
+        fused = FusedUNet(model, dtype)
+        ok = _agrees(model, fused, bf16, size)
     except (_Unsupported, RuntimeError, TypeError, AttributeError, IndexError):
         fused, ok = None, False
     result = fused if ok else None
-    built[dtype] = (fingerprint, result)
+    built[(dtype, size)] = (fingerprint, result)
     return result
 
 
-#: Fused networks per module and dtype, with the fingerprint of the tensors they were built from.
+#: Fused networks per module, dtype and checked input size, with the fingerprint of the tensors they were
+#: built from.
 _BUILT: weakref.WeakKeyDictionary[
-    nn.Module, dict[torch.dtype, tuple[tuple[tuple[int, int], ...], FusedUNet | None]]
+    nn.Module,
+    dict[tuple[torch.dtype, tuple[int, int] | None], tuple[tuple[tuple[int, int], ...], FusedUNet | None]],
 ] = weakref.WeakKeyDictionary()
 
 
-def _agrees(model: nn.Module, fused: FusedUNet, bf16: bool) -> bool:
-    """Whether ``fused`` gives the module's logits on a small random input (two slices, 16 px per pooling)."""
-    config = model.config  # type: ignore[attr-defined]
-    side = 2 ** (config.depth + 1)
+def _agrees(model: nn.Module, fused: FusedUNet, bf16: bool, size: tuple[int, int] | None) -> bool:
+    """Whether ``fused`` gives the module's logits on one random slice of ``size`` (default: small).
+
+    One slice: the check runs the module once at full size per stage and process, which is what it costs
+    (oneDNN chooses kernels by the spatial shape; a batch that still breaks them is caught at run time).
+    """
+    config = cast(UNet, model).config
+    height, width = size if size is not None else (2 ** (config.depth + 1),) * 2
     generator = torch.Generator().manual_seed(0)
-    x = torch.rand((2, config.in_channels, side, side), generator=generator).contiguous(
+    x = torch.rand((1, config.in_channels, height, width), generator=generator).contiguous(
         memory_format=torch.channels_last
     )
     with torch.inference_mode():

@@ -40,9 +40,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage  # type: ignore[import-untyped]
 
 from .errors import GridMismatchError
+from .postprocess import bounding_box
 
 #: The empty-mask rule, in words; copied verbatim into ``summary.json`` and the docs.
 EMPTY_MASK_RULE = (
@@ -117,18 +118,6 @@ def volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return int(np.count_nonzero(mask)) * float(np.prod(sp)) / 1000.0
 
 
-def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Bounding box of the True voxels, grown by ``margin`` and clipped to the array."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        lo = max(int(idx[0]) - margin, 0)
-        hi = min(int(idx[-1]) + 1 + margin, mask.shape[axis])
-        box.append(slice(lo, hi))
-    return tuple(box)
-
-
 def surface(mask: np.ndarray) -> np.ndarray:
     """Surface voxels: mask voxels with a face neighbour in the background (outside counts as background)."""
     mask = np.asarray(mask, dtype=bool)
@@ -150,7 +139,7 @@ def surface_distances(
     sp = _check_spacing(spacing, pred.ndim)
     if not pred.any() or not gt.any():
         raise ValueError("surface distances need two non-empty masks")
-    box = _bbox(pred | gt, BBOX_MARGIN)
+    box = bounding_box(pred | gt, BBOX_MARGIN) or ()  # never None here: both masks are non-empty
     # Cropping never cuts a mask (the box holds both), and outside the array counts as background in
     # ``surface`` either way, so the surfaces found in the crop are exactly those of the full arrays.
     s_pred = surface(pred[box])

@@ -160,7 +160,3 @@ def init_gaussian(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, (2.0 / max(fan_in, 1)) ** 0.5)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

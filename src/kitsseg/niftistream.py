@@ -58,7 +58,7 @@ def read_into_frame(
     total = plane * shape[2]
     offset = int(img.dataobj.offset)
     frame_shape = tuple(shape[int(ax)] for ax in np.argsort(ornt[:, 0]))
-    out = np.empty(frame_shape, dtype=dtype)
+    out: np.ndarray = np.empty(frame_shape, dtype=dtype)
     axis, flip = int(ornt[2, 0]), int(ornt[2, 1]) == -1
     n = shape[2]
     integer = stored.kind in "iub"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,8 +24,9 @@ from .volume import LAYOUT_AXCODES, kits19_affine, write_frame
 
 __all__ = ["HU", "kits19_affine", "make_phantom", "write_phantom"]
 
-#: Nominal Hounsfield units of the phantom's tissues (kidney and tumor values vary per seed).
-HU = {
+#: Nominal Hounsfield units of the phantom's tissues (kidney and tumor values vary per seed: a
+#: ``(low, high)`` range, the others one value).
+HU: dict[str, Any] = {
     "air": -1000.0,
     "fat": -100.0,
     "soft": 40.0,

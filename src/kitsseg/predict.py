@@ -2,18 +2,19 @@
 
 Arrays in, arrays out; no file I/O (that is ``volume.py``'s job). The volume is streamed through the
 models in batches of slices, so memory beyond the input stays at two boolean masks plus one batch of
-float tensors, whatever the number of slices (REFERENCE section 4: memory blow-ups on large CTs are a top
-complaint about peer tools). Probabilities are brought back to the slice's own resolution *before*
+float tensors, whatever the number of slices (memory blow-ups on large CTs are a frequent complaint about
+peer tools). Probabilities are brought back to the slice's own resolution *before*
 thresholding, so the mask edge is placed where the interpolated probability crosses the threshold
 rather than on the model grid's blocky boundary.
 
 The tumor model sees only a half-height band of each slice. The band is placed once per case around the
-rows spanned by the kidney model's output (REFERENCE section 2: the paper's fixed lower half loses 16% of
-kidney tissue; every KiTS19 case spans at most 0.42 of the height, so a per-case half-height band always
-fits), and the tumor model runs only on slices where the kidney mask is non-empty (about a third of the
-slices, so the tumor stage costs about three times less than running it everywhere).
+rows spanned by the kidney model's output (on the KiTS19 labels the paper's fixed lower half loses 16% of
+kidney tissue, while every case's kidneys span at most 0.42 of the height, so a per-case half-height band
+always fits; ``docs/user-guide.md``), and the tumor model runs only on slices where the kidney mask is
+non-empty (about a third of the slices, so the tumor stage costs about three times less than running it
+everywhere).
 
-Speed (measured in ``benchmarks/README.md`` against the compute floor of REFERENCE section 5): the networks
+Speed (measured in ``benchmarks/README.md`` against the machine's compute floor): the networks
 run under ``torch.inference_mode`` in channels-last layout with BatchNorm folded into the convolutions
 (:func:`kitsseg.fuse.fuse_conv_bn`), on batches of slices; on CPUs with oneDNN they run on its fused
 convolution kernels (ReLU and skip connections applied as each convolution writes its output,
@@ -40,7 +41,7 @@ from .checkpoint import StageModel, WeightsBundle
 from .errors import InvalidImageError
 from .fuse import fuse_conv_bn, tensor_fingerprint
 from .fused_unet import fused_forward
-from .preprocess import BAND_FRACTION, band_height, band_start, resize, window_
+from .preprocess import BAND_FRACTION, SliceGrid, band_height, band_start, resize, window_
 
 #: ``progress(stage, done, total)``: ``stage`` is ``"kidney"`` or ``"tumor"``, counts are slices.
 ProgressFn = Callable[[str, int, int], None]
@@ -100,6 +101,7 @@ def predict_volume(
     device: torch.device | str | None = None,
     bf16: bool = False,
     progress: ProgressFn | None = None,
+    spacing_rc: tuple[float, float] | None = None,
 ) -> Prediction:
     """Run both stages of ``bundle`` on a CT slice stack ``(z, row, col)`` in HU.
 
@@ -116,11 +118,17 @@ def predict_volume(
     device:
         Where the input batches go; default: the device of the kidney model's parameters.
     bf16:
-        Run the networks under bfloat16 autocast (CPU or CUDA). About 2.5x faster on CPUs with AVX-512
-        bf16 (REFERENCE section 5); probabilities are still resized and thresholded in float32. On a
-        device without native bf16 (:func:`native_bf16`) it is emulated and slower; a note says so.
+        Run the networks under bfloat16 autocast (CPU or CUDA). Faster on CPUs with native bf16 (AVX-512
+        BF16, AMX; measured in ``benchmarks/README.md``); probabilities are still resized and thresholded
+        in float32. On a device without native bf16 (:func:`native_bf16`) it is emulated and slower; a
+        note says so.
     progress:
         Called after each batch as ``progress(stage, slices_done, slices_total)``.
+    spacing_rc:
+        In-plane pixel spacing (row, column) in mm. Weights that carry a model pixel spacing
+        (``pixel_spacing_mm`` in their metadata) need it: each slice is resampled to that spacing and
+        centred on the model grid (:class:`kitsseg.preprocess.SliceGrid`, the geometry the weights were
+        trained with). Weights without it (before 0.5) fit each slice whole into the grid.
     """
     ct = np.asarray(ct_hu_zrc)
     if ct.ndim != 3 or min(ct.shape) < 1:
@@ -144,7 +152,7 @@ def predict_volume(
     t0 = time.perf_counter()
     kidney = np.zeros(ct.shape, dtype=bool)
     indices = np.arange(n_slices)
-    square = SquarePad.for_shape(height, width)
+    square = canvas_for(bundle, (height, width), spacing_rc)
     runner = _StageRunner(bundle.kidney, (lo, hi), batch_size, device, bf16, square)
     for done, idx, mask in runner.run(ct, indices, None):
         kidney[idx] = mask
@@ -165,11 +173,12 @@ def predict_volume(
         notes.append("the kidney model found no kidney; the tumor model was not run")
     else:
         fraction = float(bundle.metadata.get("band_fraction", BAND_FRACTION))
-        # The band is placed in the square-padded slice, the frame the models were trained in.
-        rows = np.flatnonzero(kidney.any(axis=(0, 2))) + square.top
+        # The band is placed on the canvas (the padded slice or the model grid), the frame the models
+        # were trained in, around the rows where the kidney model found kidney.
+        rows = square.canvas_rows(np.asarray(kidney.any(axis=(0, 2))), runner.canvas_rows_hit)
         band_h = band_height(square.side, fraction)
         first = band_start(int(rows[0]), int(rows[-1]), square.side, fraction)
-        band = (first - square.top, band_h)
+        band = square.band_in_slice(first, band_h)
         if rows[-1] - rows[0] + 1 > band_h:
             notes.append(
                 f"the kidney mask spans rows {rows[0]}-{rows[-1]}, more than the tumor band of "
@@ -203,12 +212,8 @@ def inference_model(model: torch.nn.Module) -> torch.nn.Module:
     cached = _PREPARED.get(model)
     if cached is not None and cached[0] == tensor_fingerprint(model):
         return cached[1]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of small tensor ops: thread hand-offs cost more than they give
-    try:
-        prepared = fuse_conv_bn(model).to(memory_format=torch.channels_last)
-    finally:
-        torch.set_num_threads(threads)
+    # torch's type overloads of Module.to omit memory_format, which it accepts (and documents)
+    prepared = fuse_conv_bn(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if prepared is not model:  # caching the model itself would keep it alive through the weak key
         _PREPARED[model] = (tensor_fingerprint(model), prepared)
     return prepared
@@ -264,14 +269,18 @@ class _StageRunner:
         batch_size: int,
         device: torch.device,
         bf16: bool,
-        square: SquarePad,
+        square: SquarePad | GridCanvas,
     ) -> None:
         self.stage = stage
         self.square = square
+        self.canvas_rows_hit = np.zeros(square.side, dtype=bool)
         self.bf16 = bf16 and device.type in ("cpu", "cuda")
         t0 = time.perf_counter()
         self.model = inference_model(stage.model)
-        self.fused = fused_forward(self.model, device, self.bf16)
+        # Checked at the size every batch has (the stage's input size), see kitsseg.fused_unet.
+        self.fused = fused_forward(self.model, device, self.bf16, stage.input_size)
+        #: Why the fused network was dropped during the run (it raised on a real batch), else None.
+        self.fused_error: str | None = None
         self.prepare_seconds = time.perf_counter() - t0
         self.hu_window = hu_window
         self.batch_size = batch_size
@@ -280,7 +289,30 @@ class _StageRunner:
 
     @property
     def engine(self) -> str:
+        """What ran the network, for the report's ``network_engine`` (with the reason of a fallback)."""
+        if self.fused_error is not None:
+            return f"torch (onednn-fused failed on a batch, the module ran instead: {self.fused_error})"
         return "torch" if self.fused is None else "onednn-fused"
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of one batch: the fused network while it works, else the module (bf16 under autocast).
+
+        A fused operator that raises on a real batch (a case its self-check did not meet) is dropped for
+        the rest of this stage and the batch is run by the module, so the case is still segmented.
+        """
+        if self.fused is not None:
+            try:
+                return self.fused(x)
+            except RuntimeError as exc:
+                self.fused_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                self.fused = None
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            if self.bf16
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            return self.model(x)
 
     def run(
         self,
@@ -290,19 +322,14 @@ class _StageRunner:
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(slices_done, slice_indices, mask)`` batch by batch.
 
-        Each slice is padded to a square (see :class:`SquarePad`), ``rows`` (in the padded slice) is cut
-        out for the tumor band, and the result is resized to the model input. ``mask`` is a bool array
-        with the slices' own shape: the sigmoid probabilities, resized back from the model grid in
-        float32, then compared with the stage's threshold (strictly greater); outside the band it is
-        False. Only one batch of floats exists at a time, and only booleans leave the device.
+        Each slice is put on the canvas (see :class:`SquarePad` and :class:`GridCanvas`), ``rows`` (in
+        canvas rows) is cut out for the tumor band, and the result is resized to the model input (a no-op
+        on a model grid). ``mask`` is a bool array with the slices' own shape: the sigmoid probabilities,
+        brought back from the model grid in float32, then compared with the stage's threshold (strictly
+        greater); outside the band it is False. Only one batch of floats exists at a time, and only
+        booleans leave the device.
         """
         stage, device, sq = self.stage, self.device, self.square
-        net = self.model if self.fused is None else self.fused
-        autocast = (  # the fused network computes in bf16 itself
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-            if self.bf16 and self.fused is None
-            else contextlib.nullcontext()
-        )
         r0, r1 = rows if rows is not None else (0, sq.side)
         done = 0
         with torch.inference_mode():
@@ -313,30 +340,90 @@ class _StageRunner:
                 x = sq.pad(window_(x, *self.hu_window))[:, :, r0:r1]
                 x = resize(x, stage.input_size).contiguous(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
-                with autocast:
-                    logits = net(x)
+                logits = self._forward(x)  # the fused network computes in bf16 itself
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 self.net_seconds += time.perf_counter() - t0
                 done += len(idx)
-                yield done, idx, self._masks(logits, (r1 - r0, sq.side), r0)
+                yield done, idx, self._masks(logits, (r1 - r0, sq.side_w), r0)
 
     def _masks(self, logits: torch.Tensor, size: tuple[int, int], first_row: int) -> np.ndarray:
         """Bool masks of one batch at the slices' own size: sigmoid, bilinear resize, then threshold.
 
         Only slices with a probability above the threshold on the model grid are resized: bilinear
-        upsampling (``align_corners=False``) makes every output a convex combination of inputs, so it
-        cannot exceed the input's maximum, and the other slices' masks are exactly empty. Most slices of
-        a CT hold no kidney, so this skips most of the full-size work.
+        resampling (``align_corners=False``, no antialiasing on the way back) makes every output a convex
+        combination of inputs, so it cannot exceed the input's maximum, and the other slices' masks are
+        exactly empty. Most slices of a CT hold no kidney, so this skips most of the full-size work. The
+        canvas rows where the probability exceeds the threshold are collected in ``canvas_rows_hit`` (the
+        tumor band is placed on them on a model grid).
         """
         sq, threshold = self.square, self.stage.threshold
         probs = torch.sigmoid(logits[:, :1].float())
         hit = (probs.amax(dim=(1, 2, 3)) > threshold).nonzero().flatten()
         out = torch.zeros((probs.shape[0], sq.height, sq.width), dtype=torch.bool)
         if hit.numel():
-            up = resize(probs[hit], size)[:, 0] > threshold
-            out[hit.cpu()] = sq.crop_rows(up, first_row).cpu()
+            canvas = resize(probs[hit], size)
+            rows_hit = (canvas[:, 0] > threshold).any(dim=(0, 2)).cpu().numpy()
+            self.canvas_rows_hit[first_row : first_row + size[0]] |= rows_hit
+            out[hit.cpu()] = (sq.to_slice(canvas, first_row)[:, 0] > threshold).cpu()
         return out.numpy()
+
+
+def canvas_for(
+    bundle: WeightsBundle, shape: tuple[int, int], spacing_rc: tuple[float, float] | None
+) -> SquarePad | GridCanvas:
+    """The canvas that ``bundle``'s networks were trained on, for slices of ``shape``."""
+    model_spacing = bundle.metadata.get("pixel_spacing_mm")
+    if model_spacing is None:
+        return SquarePad.for_shape(*shape)
+    if spacing_rc is None:
+        raise ValueError("these weights resample slices to their pixel spacing: pass spacing_rc (mm)")
+    grid = SliceGrid.for_slice(shape, spacing_rc, bundle.kidney.input_size, float(model_spacing))
+    return GridCanvas(grid)
+
+
+@dataclass(frozen=True)
+class GridCanvas:
+    """The model grid as canvas: each slice resampled to the weights' pixel spacing and centred
+    (:class:`kitsseg.preprocess.SliceGrid`, the geometry training used), probabilities brought back to the
+    slice's pixels before thresholding."""
+
+    grid: SliceGrid
+
+    @property
+    def height(self) -> int:
+        return self.grid.height
+
+    @property
+    def width(self) -> int:
+        return self.grid.width
+
+    @property
+    def side(self) -> int:  # canvas rows
+        return self.grid.grid_h
+
+    @property
+    def side_w(self) -> int:
+        return self.grid.grid_w
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grid.to_model(x)
+
+    def to_slice(self, probs: torch.Tensor, first_row: int) -> torch.Tensor:
+        """Probabilities of canvas rows ``first_row..`` ``(N, 1, rows, grid_w)`` -> ``(N, 1, H, W)``."""
+        full = torch.nn.functional.pad(probs, (0, 0, first_row, self.side - first_row - probs.shape[2]))
+        return self.grid.to_slice(full)
+
+    def canvas_rows(self, slice_rows: np.ndarray, rows_hit: np.ndarray) -> np.ndarray:
+        """Canvas rows holding kidney: where the kidney model's grid probabilities passed the threshold."""
+        rows = np.flatnonzero(rows_hit)
+        return rows if rows.size else np.array([0, self.side - 1])
+
+    def band_in_slice(self, first: int, height: int) -> tuple[int, int]:
+        """The band ``(first_row, rows)`` in the slice's own rows (reporting only)."""
+        g = self.grid
+        scale = g.height / g.scaled_h
+        return int(round((first - g.top) * scale)), int(round(height * scale))
 
 
 @dataclass(frozen=True)
@@ -358,6 +445,21 @@ class SquarePad:
     def for_shape(cls, height: int, width: int) -> SquarePad:
         side = max(height, width)
         return cls(height, width, side, (side - height) // 2, (side - width) // 2)
+
+    @property
+    def side_w(self) -> int:
+        return self.side
+
+    def to_slice(self, probs: torch.Tensor, first_row: int) -> torch.Tensor:
+        """``(N, 1, rows, side)`` probabilities from padded row ``first_row`` -> ``(N, 1, height, width)``."""
+        return self.crop_rows(probs[:, 0], first_row)[:, None]
+
+    def canvas_rows(self, slice_rows: np.ndarray, rows_hit: np.ndarray) -> np.ndarray:
+        """Padded rows holding kidney: the slice rows of the kidney mask, shifted by the padding."""
+        return np.flatnonzero(slice_rows) + self.top
+
+    def band_in_slice(self, first: int, height: int) -> tuple[int, int]:
+        return first - self.top, height
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, height, width)`` windowed slices (0 = air) -> ``(N, C, side, side)``."""

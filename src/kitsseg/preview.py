@@ -4,11 +4,16 @@ A quick look tells whether a segmentation is plausible (kidney in the right plac
 anyone opens a viewer; peers' tools offer the same (TotalSegmentator ``--preview``). Slices are shown in
 the radiological view of the internal frame: anterior at the top, the patient's right on the image's left.
 Half of the panels go to the slices with the most tumor, the rest to the slices with the most kidney.
+
+The PNG is encoded here with the standard library (:func:`png_bytes`), so the preview needs no imaging
+package beyond numpy.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +79,30 @@ def montage(images: list[np.ndarray], columns: int = 3, gap: int = 4) -> np.ndar
     return canvas
 
 
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An ``(height, width, 3)`` uint8 image as the bytes of an 8-bit RGB PNG file (no filtering, zlib).
+
+    The three chunks a PNG needs (``IHDR``, ``IDAT``, ``IEND``), each with its CRC-32; every row starts
+    with filter type 0. A montage compresses well this way (flat black gaps, smooth CT).
+    """
+    image = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"expected a (height, width, 3) RGB image, got shape {image.shape}")
+    height, width = image.shape[:2]
+    rows = np.concatenate([np.zeros((height, 1), dtype=np.uint8), image.reshape(height, -1)], axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+        + chunk(b"IEND", b"")
+    )
+
+
 def write_preview(
     ct_hu: np.ndarray,
     labels: np.ndarray,
@@ -86,8 +115,6 @@ def write_preview(
 
     Written atomically (temporary file in the destination folder, then rename). Returns the path.
     """
-    from PIL import Image
-
     ct_hu = np.asarray(ct_hu)
     labels = np.asarray(labels)
     if ct_hu.shape != labels.shape or ct_hu.ndim != 3:
@@ -98,9 +125,10 @@ def write_preview(
     started = False  # a failure before the temporary file exists is the folder's fault
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = png_bytes(image)
         with atomic_output(path) as tmp:
             started = True
-            Image.fromarray(image).save(tmp, format="PNG")
+            tmp.write_bytes(data)
     except OSError as exc:
         hint = "" if started else "; choose a writable folder"
         raise OutputError(f"cannot write the preview {path}: {exc.strerror or exc}{hint}") from exc

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .atomic import write_user_output
+from .atomic import write_json_output
 from .errors import OutputError
 
 if TYPE_CHECKING:
@@ -32,6 +32,19 @@ if TYPE_CHECKING:
 REPORT_FORMAT = "kitsseg-report/1"
 #: Order of the per-stage timings.
 STAGES = ("load", "kidney", "tumor", "postprocess", "write")
+#: Keys every finished report has; a report without them (``{}``, one cut short by hand) is not finished.
+REQUIRED_KEYS = (
+    "format",
+    "input",
+    "output",
+    "shape_zrc",
+    "spacing_mm_zrc",
+    "weights",
+    "kidney_volume_ml",
+    "tumor_count",
+    "tumors",
+    "input_fingerprint",
+)
 
 
 def side_volumes(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, dict[str, float]]:
@@ -55,6 +68,38 @@ def side_volumes(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, dict
         kidney = int(np.count_nonzero(part == 1)) * voxel_ml
         tumor = int(np.count_nonzero(part == 2)) * voxel_ml
         out[side] = {"kidney_ml": kidney, "tumor_ml": tumor, "total_ml": kidney + tumor}
+    return out
+
+
+#: The HU statistics of each labelled region, in report and cohort-table order.
+HU_STATS = ("mean", "median", "std", "p5", "p95")
+
+
+def hu_statistics(ct: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, float | int | None]]:
+    """HU statistics of the kidney (label 1, without tumor) and the tumor (label 2) voxels of a case.
+
+    ``{"kidney": {"voxels", "mean", "median", "std", "p5", "p95"}, "tumor": {...}}``; the statistics are
+    ``None`` for an empty region. Enhancement tells phase and tissue apart (a cyst near water, a solid
+    tumor well above it), so cohort studies ask for these beside the volumes. Computed inside the labels'
+    bounding box, a few percent of a CT.
+    """
+    from .postprocess import bounding_box
+
+    labels = np.asarray(labels)
+    box = bounding_box(labels)
+    crop_labels = labels[box] if box is not None else labels[:0]
+    crop_ct = np.asarray(ct)[box] if box is not None else np.asarray(ct)[:0]
+    out: dict[str, dict[str, float | int | None]] = {}
+    for name, value in (("kidney", 1), ("tumor", 2)):
+        hu = crop_ct[crop_labels == value].astype(np.float64)
+        stats: dict[str, float | int | None] = {"voxels": int(hu.size)}
+        if hu.size:
+            p5, median, p95 = np.percentile(hu, [5, 50, 95])
+            stats.update(mean=float(hu.mean()), median=float(median), std=float(hu.std()), p5=float(p5))
+            stats["p95"] = float(p95)
+        else:
+            stats.update(dict.fromkeys(HU_STATS))
+        out[name] = stats
     return out
 
 
@@ -188,14 +233,23 @@ def _jsonable(value: Any) -> Any:
 def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as indented JSON atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
+    safe = _jsonable(data)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(
             f"cannot write the report {path}: {exc.strerror or exc}; choose a writable folder"
         ) from exc
-    return write_user_output(path, text, f"the report {path}")
+    return write_json_output(path, safe, f"the report {path}")
+
+
+def is_complete_report(data: object) -> bool:
+    """Whether ``data`` is a whole report of this layout: :data:`REQUIRED_KEYS` present, the right format."""
+    return (
+        isinstance(data, Mapping)
+        and all(k in data for k in REQUIRED_KEYS)
+        and data.get("format") == REPORT_FORMAT
+    )
 
 
 def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -221,18 +275,20 @@ MAX_REMOVED_ROWS = 5
 
 def report_table(report: Mapping[str, Any]) -> Table:
     """A rich table of one report: volumes per side, tumors, removed components, Dice, timings."""
+    from rich.markup import escape  # paths, names and notes are the user's text, never rich markup
     from rich.table import Table
 
-    table = Table(title=f"kitsseg: {Path(str(report['input'])).name}", show_header=True, title_justify="left")
+    name = escape(Path(str(report["input"])).name)
+    table = Table(title=f"kitsseg: {name}", show_header=True, title_justify="left")
     table.add_column("item")
     table.add_column("value", justify="right")
     table.add_column("detail")
-    table.add_row("output", "", str(report["output"]))
+    table.add_row("output", "", escape(str(report["output"])))
     table.add_row("shape (z,r,c)", "x".join(str(s) for s in report["shape_zrc"]), "")
     table.add_row("spacing mm", ", ".join(f"{s:g}" for s in report["spacing_mm_zrc"]), "")
     w = report.get("weights", {})
-    table.add_row("weights", str(w.get("name", "-")), str(w.get("sha256", ""))[:12])
-    table.add_row("device", "", str(report.get("device", "")))
+    table.add_row("weights", escape(str(w.get("name", "-"))), str(w.get("sha256", ""))[:12])
+    table.add_row("device", "", escape(str(report.get("device", ""))))
     for side in ("right", "left"):
         s = report["sides"][side]
         table.add_row(
@@ -241,6 +297,14 @@ def report_table(report: Mapping[str, Any]) -> Table:
             f"kidney {_fmt(s['kidney_ml'])}, tumor {_fmt(s['tumor_ml'])}",
         )
     table.add_row("tumors", str(report["tumor_count"]), f"{_fmt(report['tumor_volume_ml'])} mL in all")
+    for region, stats in (report.get("hu_stats") or {}).items():
+        if stats.get("voxels"):
+            table.add_row(
+                f"{region} HU",
+                _fmt(stats.get("median")),
+                f"median; mean {_fmt(stats.get('mean'))}, std {_fmt(stats.get('std'))}, "
+                f"p5-p95 {_fmt(stats.get('p5'))} to {_fmt(stats.get('p95'))}",
+            )
     for t in report["tumors"]:
         table.add_row(
             f"  tumor {t['index']} ({t['side']})",
@@ -260,7 +324,9 @@ def report_table(report: Mapping[str, Any]) -> Table:
         table.add_row("  ...", f"{_fmt(rest, 2)} mL", f"{len(removed) - len(shown)} smaller components")
     ref = report.get("reference")
     if ref:
-        table.add_row("Dice kidney+tumor", _fmt(ref.get("dice_kidney_tumor"), 4), str(ref.get("path", "")))
+        table.add_row(
+            "Dice kidney+tumor", _fmt(ref.get("dice_kidney_tumor"), 4), escape(str(ref.get("path", "")))
+        )
         table.add_row("Dice tumor", _fmt(ref.get("dice_tumor"), 4), "")
     times = report.get("timings_s", {})
     table.add_row(
@@ -269,7 +335,7 @@ def report_table(report: Mapping[str, Any]) -> Table:
         ", ".join(f"{k} {v:.2f}" for k, v in times.items() if k != "total"),
     )
     for note in report.get("notes", []):
-        table.add_row("note", "", note)
+        table.add_row("note", "", escape(str(note)))
     return table
 
 
@@ -278,6 +344,7 @@ def batch_table(rows: Iterable[Mapping[str, Any]]) -> Table:
 
     ``rows`` are :meth:`kitsseg.segment.CaseOutcome.to_dict` dicts.
     """
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="kitsseg batch", title_justify="left")
@@ -292,11 +359,11 @@ def batch_table(rows: Iterable[Mapping[str, Any]]) -> Table:
         status = str(row["status"])
         summary = row.get("summary") or {}
         table.add_row(
-            str(row["case"]),
-            f"[{styles.get(status, '')}]{status}[/]",
+            escape(str(row["case"])),
+            f"[{styles.get(status, '')}]{escape(status)}[/]",
             _fmt(summary.get("right_ml")),
             _fmt(summary.get("left_ml")),
             _fmt(summary.get("tumor_count")),
-            str(row.get("message") or ""),
+            escape(str(row.get("message") or "")),
         )
     return table

@@ -5,11 +5,15 @@ Data flows one way: ``volume.load_ct`` -> ``predict.predict_volume`` -> ``postpr
 that would overwrite the input, a folder that cannot be written), so a mistake costs seconds, not a
 model run; every file is written atomically, so an interrupted run leaves no half-written output.
 
-A folder is processed with the model loaded once. Batches are built for clusters (REFERENCE section 4:
-users of peer tools ask to skip finished cases and to split work across jobs): ``continue_`` skips cases
+A folder is processed with the model loaded once. Batches are built for clusters (users of peer tools ask
+to skip finished cases and to split work across jobs): ``continue_`` skips cases
 whose outputs already exist and are valid, and ``num_parts``/``part_id`` give each job of an array a
 deterministic share of the sorted case list (case ``i`` goes to part ``i % num_parts``), by default
 from Slurm's ``SLURM_ARRAY_TASK_*`` variables. One failing case is recorded and the others go on.
+
+Nothing here changes the process behind the caller's back: PyTorch's thread count is touched only while a
+call that was given ``threads`` runs (and restored after), warnings are caught only around the load, and
+the allocator settings are left to :func:`kitsseg.tune_process` (which the CLI calls).
 """
 
 from __future__ import annotations
@@ -17,27 +21,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from .errors import InputNotFoundError, InvalidImageError, KitssegError, OutputError
+from .errors import InputNotFoundError, InvalidImageError, InvalidOptionError, KitssegError, OutputError
 from .postprocess import PAPER_MIN_OVERLAP, PostprocessOptions
+from .volume import NIFTI_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
+    from nibabel.spatialimages import SpatialImage
 
     from .checkpoint import WeightsBundle
     from .predict import ProgressFn
-
-#: Suffixes of NIfTI outputs.
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -50,7 +54,8 @@ class LoadedModel:
     bundle: WeightsBundle
     device: torch.device
     info: dict[str, Any]
-    threads: int
+    #: CPU threads for the work done with it; ``None``: whatever the process is set to.
+    threads: int | None
 
     def __repr__(self) -> str:
         return f"LoadedModel(name={self.info.get('name')!r}, device={self.device}, threads={self.threads})"
@@ -63,21 +68,22 @@ def load_model(
     *,
     download_progress: Any = False,
 ) -> LoadedModel:
-    """Select the device, set the CPU threads and load the weights (``None``: the default registry entry).
+    """Select the device and load the weights (``None``: the default registry entry).
+
+    ``threads`` is remembered, not applied: the calls that use the model run PyTorch with that many CPU
+    threads and put the previous count back (``None``: the process's own setting, see
+    :func:`kitsseg.tune_process`). Loading changes nothing process-wide.
 
     Names, paths and URLs are resolved by :func:`kitsseg.weights.resolve_weights`, which verifies their
     sha256 (and downloads a missing registry file unless offline; ``download_progress`` is its
     ``progress`` argument: ``False`` or a rich console).
     """
-    from .allocator import tune_cpu_allocator
     from .checkpoint import load_bundle
-    from .device import describe, select_device, set_threads
+    from .device import check_threads, describe, select_device
     from .weights import resolve_weights, weights_sha256
 
     torch_device = select_device(device)
-    n_threads = set_threads(threads)
-    if torch_device.type == "cpu":
-        tune_cpu_allocator()  # before anything big is allocated: see kitsseg.allocator
+    n_threads = check_threads(threads)
     path = resolve_weights(None if weights is None else str(weights), progress=download_progress)
     bundle = load_bundle(path, torch_device)
     meta = bundle.metadata
@@ -90,7 +96,7 @@ def load_model(
         "eig_bounds": list(bundle.eig_bounds),
         "hu_window": list(bundle.hu_window),
         "has_tumor_model": bundle.tumor is not None,
-        "device_name": describe(torch_device),
+        "device_name": describe(torch_device, n_threads),
     }
     return LoadedModel(bundle, torch_device, info, n_threads)
 
@@ -99,7 +105,18 @@ def load_model(
 
 
 def is_nifti_name(path: str | os.PathLike[str]) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
+    """Whether ``path`` names a NIfTI file: ``.nii`` or ``.nii.gz`` after a non-empty stem."""
+    name = Path(path).name.lower()
+    return any(name.endswith(s) and len(name) > len(s) for s in NIFTI_SUFFIXES)
+
+
+def check_output_name(output_path: str | os.PathLike[str]) -> None:
+    """Refuse a mask name that is only a suffix (``-o .nii.gz``); reads and creates nothing."""
+    name = Path(output_path).name
+    if name.lower() in (*NIFTI_SUFFIXES, ".dcm"):
+        raise OutputError(
+            f"output {output_path} has no name before {name}; give a file name such as case_seg.nii.gz"
+        )
 
 
 def default_output(input_path: str | os.PathLike[str]) -> Path:
@@ -111,26 +128,35 @@ def default_output(input_path: str | os.PathLike[str]) -> Path:
 
 
 def report_path_for(output_path: str | os.PathLike[str]) -> Path:
-    """The report beside a mask: ``mask.json`` for ``mask.nii.gz`` or ``mask.nii``."""
+    """The report beside a mask: ``mask.json`` for ``mask.nii.gz``, ``mask.nii`` or ``mask.dcm``."""
     p = Path(output_path)
     name = p.name
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in (*NIFTI_SUFFIXES, ".dcm"):
         if name.lower().endswith(suffix):
             return p.with_name(name[: -len(suffix)] + ".json")
     return p.with_name(name + ".json")
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
+    from .guard import same_file  # the same inode (symlinks and hard links), else the same resolved path
+
+    return same_file(a, b)
 
 
-def _check_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` if needed and make sure files can be created in it (before any work)."""
+def remove_empty_folders(created: Sequence[Path]) -> None:
+    """Remove folders this run created (deepest first) that are still empty, e.g. after a refused input."""
+    for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when empty
+
+
+def _check_writable(folder: Path, what: str) -> list[Path]:
+    """Create ``folder`` if needed and make sure files can be created in it (before any work).
+
+    Returns the folders it created, so a run refused later can remove them again
+    (:func:`remove_empty_folders`) instead of leaving an empty output folder behind.
+    """
+    created = [p for p in (*reversed(folder.parents), folder) if not p.exists()]
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:  # mkdir would only say "File exists" or "Not a directory": name the culprit
         raise OutputError(
@@ -147,7 +173,9 @@ def _check_writable(folder: Path, what: str) -> None:
     if not folder.is_dir():
         raise OutputError(f"the {what} folder {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
+        remove_empty_folders(created)
         raise OutputError(f"the {what} folder {folder} is not writable; choose a folder you can write to")
+    return created
 
 
 def check_outputs(
@@ -156,11 +184,29 @@ def check_outputs(
     report_path: Path,
     preview_path: Path | None = None,
     reference: Path | None = None,
-) -> None:
-    """Refuse outputs that would overwrite an input or each other, or that cannot be written."""
+    weights: Path | None = None,
+) -> list[Path]:
+    """Refuse outputs that would overwrite an input (or link to one, ``weights`` included) or each other,
+    or that cannot be written. Returns the folders created for them (see :func:`remove_empty_folders`)."""
+    check_output_name(output_path)
+    from .dicom_io import holds_dicom_series
+    from .dicom_seg import is_seg_name
+
+    dicom_input = holds_dicom_series(input_path)
     if not is_nifti_name(output_path):
-        raise OutputError(f"output {output_path} must end in .nii.gz or .nii (a labelled NIfTI is written)")
+        if not is_seg_name(output_path):
+            raise OutputError(
+                f"output {output_path} must end in .nii.gz or .nii (a labelled NIfTI is written), "
+                "or in .dcm for a DICOM-SEG of a DICOM series"
+            )
+        if not dicom_input:
+            raise OutputError(
+                f"output {output_path} asks for a DICOM-SEG (.dcm), which references its source DICOM "
+                f"series, but the input {input_path} is not a DICOM series; write a NIfTI mask (.nii.gz)"
+            )
     protected = [("input", input_path)] + ([("reference", reference)] if reference is not None else [])
+    if weights is not None:
+        protected.append(("weights", weights))
     outputs = [("output", output_path), ("report", report_path)]
     if preview_path is not None:
         outputs.append(("preview", preview_path))
@@ -180,7 +226,19 @@ def check_outputs(
     for out_kind, out in outputs:
         if out.is_dir():
             raise OutputError(f"the {out_kind} path {out} is a folder; give a file name")
-        _check_writable(out.parent, out_kind)
+        if dicom_input and _same_file(out.parent, input_path):
+            raise OutputError(
+                f"the {out_kind} path {out} lies in the input DICOM folder; inputs are never modified (and a "
+                "file there would join the series): write it to another folder"
+            )
+    created: list[Path] = []
+    try:
+        for out_kind, out in outputs:
+            created += _check_writable(out.parent, out_kind)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+    return created
 
 
 # ----------------------------------------------------------------------------------------------- one case
@@ -252,39 +310,63 @@ def segment(
         Which volume of a 4D file to segment, counting from 0 (a 4D file without it is refused).
     """
     src = Path(input_path)
-    out = default_output(src) if output_path is None else Path(output_path)
-    if out.is_dir():  # an existing folder: write <folder>/<case>.nii.gz, as in folder mode
-        from .volume import case_name
-
-        out = out / f"{case_name(src)}.nii.gz"
+    out = output_for(src, output_path)
     rep = report_path_for(out) if report_path is None else Path(report_path)
     prev = None if preview_path is None else Path(preview_path)
     ref = None if reference is None else Path(reference)
     _check_input(src)
     if ref is not None and not ref.exists():
         raise InputNotFoundError(f"reference {ref} does not exist; check the path")
-    check_outputs(src, out, rep, prev, ref)
-    model = weights if isinstance(weights, LoadedModel) else load_model(weights, device, threads)
-    return _segment_case(
-        src,
-        out,
-        rep,
-        model,
-        batch_size=batch_size,
-        options=postprocess,
-        eig_bounds=eig_bounds,
-        reference=ref,
-        preview_path=prev,
-        bf16=bf16,
-        progress=progress,
-        volume_index=volume_index,
-    )
+    created = check_outputs(src, out, rep, prev, ref, _weights_file(weights))
+    try:
+        model = weights if isinstance(weights, LoadedModel) else load_model(weights, device, threads)
+        return _segment_case(
+            src,
+            out,
+            rep,
+            model,
+            batch_size=batch_size,
+            options=postprocess,
+            eig_bounds=eig_bounds,
+            reference=ref,
+            preview_path=prev,
+            bf16=bf16,
+            progress=progress,
+            volume_index=volume_index,
+        )
+    except BaseException:
+        remove_empty_folders(created)  # a refused input leaves no empty output folder behind
+        raise
+
+
+def output_for(input_path: Path, output_path: str | os.PathLike[str] | None) -> Path:
+    """The mask path :func:`segment` writes: ``<case>_seg.nii.gz`` beside the input by default, and
+    ``<folder>/<case>.nii.gz`` for an existing folder (``-o .`` and ``-o ""`` both mean the current one)."""
+    out = default_output(input_path) if output_path is None else Path(output_path)
+    if out.is_dir():  # an existing folder: write <folder>/<case>.nii.gz, as in folder mode
+        from .volume import case_name
+
+        out = out / f"{case_name(input_path)}.nii.gz"
+    return out
+
+
+def _weights_file(weights: str | os.PathLike[str] | LoadedModel | None) -> Path | None:
+    """The local weights file behind ``weights`` when it is known without loading (an input to protect)."""
+    if isinstance(weights, LoadedModel):
+        return Path(weights.info["path"]) if weights.info.get("path") else None
+    if weights is not None and Path(weights).is_file():
+        return Path(weights)
+    return None
 
 
 def _check_input(src: Path) -> None:
     if not src.exists():
         raise InputNotFoundError(f"input {src} does not exist; check the path")
     if src.is_dir():
+        from .dicom_io import holds_dicom_series
+
+        if holds_dicom_series(src):  # one DICOM series: read by volume.load_ct
+            return
         raise InvalidImageError(
             f"input {src} is a folder; segment a folder with segment_folder() (CLI: give an output folder)"
         )
@@ -300,13 +382,13 @@ def resolve_options(
     opts = options or PostprocessOptions()
     bounds = tuple(float(b) for b in (eig_bounds if eig_bounds is not None else bundle.eig_bounds))
     if len(bounds) != 2 or not bounds[0] <= bounds[1]:
-        raise KitssegError(f"eigenvalue-ratio bounds must be LOW,HIGH with LOW <= HIGH, got {bounds}")
+        raise InvalidOptionError(f"eigenvalue-ratio bounds must be LOW,HIGH with LOW <= HIGH, got {bounds}")
     unit = bundle.metadata.get("eig_unit", opts.unit)
     overlap = opts.min_overlap
     if overlap is None:
         overlap = float(bundle.metadata.get("min_overlap", PAPER_MIN_OVERLAP))
     if not 0.0 <= overlap <= 1.0:
-        raise KitssegError(f"the tumor overlap threshold must lie in [0, 1], got {overlap}")
+        raise InvalidOptionError(f"the tumor overlap threshold must lie in [0, 1], got {overlap}")
     return dataclasses.replace(opts, eig_bounds=(bounds[0], bounds[1]), unit=unit, min_overlap=overlap)
 
 
@@ -326,10 +408,14 @@ def _segment_case(
     keep_labels: bool = True,
     volume_index: int | None = None,
 ) -> SegmentationResult:
+    from .device import torch_threads
+    from .errors import KitssegWarning
+    from .fingerprint import FINGERPRINT_KEY, input_fingerprint
+    from .inputchecks import input_checks
     from .metrics import EMPTY_MASK_RULE, dice, region_mask
     from .postprocess import postprocess
     from .predict import native_bf16, predict_volume
-    from .report import build_report, write_json
+    from .report import build_report, hu_statistics, write_json
     from .volume import load_ct, load_labels, same_grid, save_labels
 
     opts = resolve_options(options, model.bundle, eig_bounds)
@@ -337,7 +423,12 @@ def _segment_case(
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        volume = load_ct(src, volume_index=volume_index, keep_int16=True)  # half the memory, same HU
+        # keep_int16: half the memory, same HU
+        volume = load_ct(src, volume_index=volume_index, keep_int16=True, threads=model.threads)
+    try:  # what --continue compares: the report must describe this very input
+        fingerprint = input_fingerprint(src)
+    except OSError as exc:
+        raise InvalidImageError(f"{src} cannot be read to the end: {exc.strerror or exc}") from exc
     load_warnings = [str(w.message) for w in caught]
     for w in caught:  # pass them on to the caller, and keep them in the report
         warnings.warn(w.message, w.category, stacklevel=3)
@@ -358,9 +449,16 @@ def _segment_case(
 
     if bf16 is None:
         bf16 = native_bf16(model.device)
-    pred = predict_volume(
-        volume.data, model.bundle, batch_size=batch_size, device=model.device, bf16=bf16, progress=progress
-    )
+    with torch_threads(model.threads):
+        pred = predict_volume(
+            volume.data,
+            model.bundle,
+            batch_size=batch_size,
+            device=model.device,
+            bf16=bf16,
+            progress=progress,
+            spacing_rc=(volume.spacing[1], volume.spacing[2]),
+        )
     timings.update(pred.timings)
 
     t0 = time.perf_counter()
@@ -371,8 +469,18 @@ def _segment_case(
     t0 = time.perf_counter()
     written: list[Path] = []
     try:
-        save_labels(labels, volume, out)
-        written.append(out)
+        if is_nifti_name(out):
+            save_labels(labels, volume, out, threads=model.threads)
+            written.append(out)
+        else:  # check_outputs let only a DICOM-SEG of a DICOM input through
+            from .dicom_seg import write_dicom_seg
+
+            name, version = str(model.info["name"]), model.info.get("version")
+            notes = write_dicom_seg(
+                labels, volume, out, algorithm_name=name, algorithm_version=str(version) if version else None
+            )
+            pred.notes.extend(notes)
+            written.append(out)
         if preview_path is not None:
             from .preview import write_preview
 
@@ -415,9 +523,26 @@ def _segment_case(
                 "preview": str(preview_path) if preview_path else None,
                 "warnings": load_warnings,
                 "volume_index": volume_index,
+                FINGERPRINT_KEY: fingerprint,
+                "hu_stats": hu_statistics(volume.data, labels),
             },
         )
+        report["input_checks"] = input_checks(
+            volume.data,
+            labels,
+            int(np.count_nonzero(pred.kidney_tumor_mask)),
+            volume.spacing,
+            report.get("kidney_volume_ml", {}),
+            model.bundle.metadata,
+        )
+        for message in report["input_checks"]:  # one line each in the CLI, kept in the report
+            warnings.warn(message, KitssegWarning, stacklevel=3)
         write_json(report, rep)
+        if is_nifti_name(out):  # names and colours for Slicer and ITK-SNAP, beside the mask
+            from .labeltable import write_label_tables
+
+            written.append(rep)
+            written.extend(write_label_tables(out))
     except BaseException:
         # A mask without its report (disk full, Ctrl-C between the two) is half a result: remove what this
         # call wrote, so no half-finished case is left behind and --continue segments it again.
@@ -464,6 +589,7 @@ class BatchResult:
     part_id: int
     total_cases: int
     summary_path: Path | None = None
+    cohort_path: Path | None = None
 
     @property
     def done(self) -> list[CaseOutcome]:
@@ -518,7 +644,7 @@ def parts_from_env(env: dict[str, str] | None = None) -> tuple[int, int] | None:
         part = int(task) - int(env.get("SLURM_ARRAY_TASK_MIN") or 0)
         step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
     except ValueError:
-        raise KitssegError(
+        raise InvalidOptionError(
             f"cannot read the Slurm job array variables (SLURM_ARRAY_TASK_COUNT={count!r}, "
             f"SLURM_ARRAY_TASK_ID={task!r}); pass --num-parts and --part-id explicitly"
         ) from None
@@ -528,22 +654,46 @@ def parts_from_env(env: dict[str, str] | None = None) -> tuple[int, int] | None:
 def resolve_parts(
     num_parts: int | None, part_id: int | None, env: dict[str, str] | None = None
 ) -> tuple[int, int]:
-    """Explicit values win; missing ones come from the Slurm job array; else one part (everything)."""
+    """Explicit values win; missing ones come from the Slurm job array; else one part (everything).
+
+    Errors name where a bad value came from: the option the user gave, or the Slurm variable.
+    """
+    env = dict(os.environ) if env is None else env
     from_env = parts_from_env(env)
+    count_label = f"--num-parts {num_parts}"
+    part_label = "--part-id"
     if num_parts is None:
         num_parts = from_env[0] if from_env else 1
+        count_label = f"SLURM_ARRAY_TASK_COUNT={num_parts}" if from_env else "one part"
     if part_id is None:
         if from_env is not None and from_env[0] == num_parts:
             part_id = from_env[1]
+            slurm = ", ".join(
+                f"{k}={env[k]}"
+                for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+                if env.get(k)
+            )
+            part_label = f"the part from the Slurm job array ({slurm})"
         elif num_parts == 1:
             part_id = 0
         else:
-            raise KitssegError(f"--num-parts {num_parts} needs --part-id (0 to {num_parts - 1}) for this job")
+            raise InvalidOptionError(
+                f"--num-parts {num_parts} needs --part-id (0 to {num_parts - 1}) for this job"
+            )
     if num_parts < 1:
-        raise KitssegError(f"--num-parts must be at least 1, got {num_parts}")
+        if count_label.startswith("SLURM"):
+            raise InvalidOptionError(
+                f"{count_label} gives no parts to split the cases into; pass --num-parts and --part-id"
+            )
+        raise InvalidOptionError(f"--num-parts must be at least 1, got {num_parts}")
     if not 0 <= part_id < num_parts:
-        raise KitssegError(
-            f"--part-id must be between 0 and {num_parts - 1} for --num-parts {num_parts}, got {part_id}"
+        if part_label != "--part-id":
+            raise InvalidOptionError(
+                f"{part_label} is {part_id}, outside 0..{num_parts - 1} for {count_label}; check the job "
+                "array's range, or pass --num-parts and --part-id explicitly"
+            )
+        raise InvalidOptionError(
+            f"--part-id must be between 0 and {num_parts - 1} for {count_label}, got {part_id}"
         )
     return num_parts, part_id
 
@@ -562,17 +712,65 @@ def output_paths(out_dir: Path, case: str) -> tuple[Path, Path]:
     return mask, report_path_for(mask)
 
 
-def is_finished(input_path: Path, output_path: Path, report_path: Path) -> bool:
-    """Whether a case's outputs exist and are valid: the report parses and the mask loads as labels
-    0/1/2 stored with the input's shape. Anything else (missing, truncated, wrong grid) means: segment it
-    again (the new outputs replace the old ones atomically)."""
-    from .report import read_report
+#: Case names whose report would take the name of a batch summary (``kitsseg-batch.json`` and
+#: ``kitsseg-batch-part<I>-of<N>.json``); such a case is refused rather than renamed.
+RESERVED_CASE_NAME = re.compile(r"kitsseg-batch(-part\d+-of\d+)?")
+
+
+def check_case_names(all_cases: Sequence[Path], out_dir: Path) -> None:
+    """Refuse a batch whose outputs would collide, before anything is created or segmented.
+
+    Checked over every case of the input folder, not only one job-array part's share, so two cases that
+    map to one output (``case.nii`` and ``case.nii.gz``) are refused by every part alike instead of two
+    parts silently overwriting each other. Also refused: a case named like a batch summary (its report
+    would replace the summary or be replaced by it) and an output that is, or links to, an input.
+    Collisions are refused, never renamed: a renamed output would not be found where users (and
+    ``--continue``) look for it.
+    """
+    from .volume import case_name
+
+    seen: dict[str, Path] = {}
+    for path in sorted(all_cases, key=lambda p: (case_name(p), str(p))):
+        name = case_name(path)
+        if name in seen:
+            raise OutputError(
+                f"{seen[name]} and {path} would both be written to {name}.nii.gz; "
+                "give each case its own name or segment them into different folders"
+            )
+        seen[name] = path
+        if RESERVED_CASE_NAME.fullmatch(name):
+            raise OutputError(
+                f"{path} would write its report to {out_dir / name}.json, the name of a batch summary "
+                "(kitsseg-batch.json, kitsseg-batch-part<I>-of<N>.json); rename the file"
+            )
+        for out in output_paths(out_dir, name):
+            if any(_same_file(out, p) for p in all_cases):
+                raise OutputError(
+                    f"output {out} would overwrite an input; "
+                    "choose an output folder other than the input folder"
+                )
+
+
+def is_finished(
+    input_path: Path, output_path: Path, report_path: Path, *, volume_index: int | None = None
+) -> bool:
+    """Whether a case's outputs exist and are valid: the report is complete (every required key, ``{}``
+    is not), it was made from this very input (its recorded size and sha256, see :mod:`kitsseg.fingerprint`,
+    and the same ``volume_index``), and the mask loads as labels 0/1/2 stored with the input's shape.
+    Anything else (missing, truncated, another input, wrong grid) means: segment it again (the new outputs
+    replace the old ones atomically)."""
+    from .fingerprint import FINGERPRINT_KEY, fingerprint_matches
+    from .report import is_complete_report, read_report
     from .volume import load_labels
 
     if not (output_path.is_file() and report_path.is_file()):
         return False
     try:
-        read_report(report_path)
+        report = read_report(report_path)
+        if not is_complete_report(report) or report.get("volume_index") != volume_index:
+            return False
+        if not fingerprint_matches(report.get(FINGERPRINT_KEY), input_path):
+            return False
         labels = load_labels(output_path)
         if labels.data.size and int(labels.data.max()) > 2:
             return False
@@ -582,10 +780,17 @@ def is_finished(input_path: Path, output_path: Path, report_path: Path) -> bool:
 
 
 def _stored_shape(path: Path) -> tuple[int, int, int]:
-    """The three spatial axes of a NIfTI file as stored, read from its header only (no voxels)."""
+    """The three spatial axes of a NIfTI file (or DICOM series) as stored, from headers only (no voxels)."""
     import nibabel as nib
 
-    shape = nib.load(str(path)).shape
+    if path.is_dir():
+        from .dicom_io import stored_shape
+
+        return stored_shape(path)
+    from .volume import quiet_nibabel
+
+    with quiet_nibabel():
+        shape = cast("SpatialImage", nib.load(str(path))).shape
     return (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
@@ -617,7 +822,8 @@ def segment_folder(
     to ``out_dir``. ``on_case_start(case, index, total)`` and ``on_case_done(outcome, index, total)``
     report progress.
     """
-    from .volume import case_name, find_nifti
+    from .inputs import find_case_inputs
+    from .volume import case_name
 
     src_dir, dst_dir = Path(in_dir), Path(out_dir)
     if not src_dir.exists():
@@ -626,39 +832,31 @@ def segment_folder(
         raise InvalidImageError(
             f"{src_dir} is a file, not a folder; to segment one file give an output file name"
         )
-    all_cases = list(find_nifti(src_dir))
+    all_cases = find_case_inputs(src_dir)  # NIfTI files, KiTS case folders, DICOM series subfolders
     if not all_cases:
+        from .dicom_io import holds_dicom_series
+
+        if holds_dicom_series(src_dir):
+            raise InputNotFoundError(
+                f"input folder {src_dir} is one DICOM series, not a folder of cases; segment it with "
+                "segment() (CLI: give an output file name, e.g. -o mask.nii.gz)"
+            )
         raise InputNotFoundError(
-            f"input folder {src_dir} holds no .nii or .nii.gz files; give a folder of NIfTI CT volumes "
-            "(convert DICOM first, e.g. with dcm2niix)"
+            f"input folder {src_dir} holds no .nii or .nii.gz files, KiTS case folders "
+            "(case_XXXXX/imaging.nii.gz) or DICOM series subfolders; give a folder of CT cases"
         )
     n_parts, part = resolve_parts(num_parts, part_id)
     cases = split_cases(all_cases, n_parts, part)
-    _check_writable(dst_dir, "output")
+    check_case_names(all_cases, dst_dir)  # the whole folder, not this part: every part agrees
+    names = [case_name(p) for p in cases]
+    created = _check_writable(dst_dir, "output")
     prev_dir = None if preview_dir is None else Path(preview_dir)
     if prev_dir is not None:
-        _check_writable(prev_dir, "preview")
-
-    names = [case_name(p) for p in cases]
-    seen: dict[str, Path] = {}
-    for name, path in zip(names, cases, strict=True):
-        if name in seen:
-            raise OutputError(
-                f"{seen[name]} and {path} would both be written to {name}.nii.gz; "
-                "give each case its own name or segment them into different folders"
-            )
-        seen[name] = path
-        mask, report = output_paths(dst_dir, name)
-        for out in (mask, report):
-            if any(_same_file(out, p) for p in all_cases):
-                raise OutputError(
-                    f"output {out} would overwrite an input; "
-                    "choose an output folder other than the input folder"
-                )
+        created += _check_writable(prev_dir, "preview")
 
     from .report import write_json
 
-    model = weights if isinstance(weights, LoadedModel) else None
+    model, source = (weights, None) if isinstance(weights, LoadedModel) else (None, weights)
     outcomes: list[CaseOutcome] = []
     result = BatchResult(outcomes, n_parts, part, len(all_cases))
     summary_path = dst_dir / (
@@ -675,7 +873,7 @@ def segment_folder(
                 outcome = CaseOutcome(name, path, mask, "skipped", "output exists and is valid")
             else:
                 if model is None:  # errors here concern every case: let them stop the batch
-                    model = load_model(weights, device, threads, download_progress=download_progress)
+                    model = load_model(source, device, threads, download_progress=download_progress)
                 outcome = _run_one(
                     path, mask, report, model, name, prev_dir, batch_size, postprocess, eig_bounds, bf16
                 )
@@ -688,7 +886,14 @@ def segment_folder(
         with contextlib.suppress(KitssegError):
             write_json({**result.to_dict(), "interrupted": True}, summary_path)
         raise
+    except BaseException:
+        remove_empty_folders(created)  # e.g. the weights failed to load: no empty output folder is left
+        raise
     result.summary_path = write_json(result.to_dict(), summary_path)
+    from .cohort import write_cohort_table
+
+    # Rebuilt from every report in the folder, so after all parts of a job array it lists every case.
+    result.cohort_path = write_cohort_table(dst_dir)
     return result
 
 
@@ -707,7 +912,7 @@ def _run_one(
     """Segment one case of a batch; every error becomes a failed outcome (Ctrl-C still stops the batch)."""
     preview = None if prev_dir is None else prev_dir / f"{name}.png"
     try:
-        check_outputs(path, mask, report, preview)
+        check_outputs(path, mask, report, preview, weights=_weights_file(model))
         result = _segment_case(
             path,
             mask,

@@ -32,13 +32,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
 from .data import Case, SliceSet, fingerprint, write_json_atomic
 from .errors import DatasetError
-from .preprocess import BAND_FRACTION, KIDNEY_INPUT, TUMOR_INPUT, band_height, band_start
+from .preprocess import (
+    BAND_FRACTION,
+    KIDNEY_INPUT,
+    MODEL_SPACING_MM,
+    TUMOR_INPUT,
+    SliceGrid,
+    band_height,
+    band_start,
+)
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 CACHE_FORMAT = "kitsseg-slice-cache/1"
 MANIFEST = "manifest.json"
@@ -57,6 +68,10 @@ class CacheSpec:
     tumor_input: tuple[int, int] = TUMOR_INPUT
     band_fraction: float = BAND_FRACTION
     dtype: Literal["uint8", "float16"] = "uint8"
+    #: In-plane pixel spacing of the model grid (mm): each slice is resampled to it and centred on the
+    #: kidney input grid (:class:`kitsseg.preprocess.SliceGrid`, as inference does). ``None``: the legacy
+    #: geometry (each slice resized whole to the input, whatever its pixel size).
+    pixel_spacing_mm: float | None = MODEL_SPACING_MM
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +80,7 @@ class CacheSpec:
             "tumor_input": [int(v) for v in self.tumor_input],
             "band_fraction": float(self.band_fraction),
             "dtype": self.dtype,
+            "pixel_spacing_mm": self.pixel_spacing_mm,
         }
 
     def key(self) -> str:
@@ -315,7 +331,7 @@ def _extract_case_part(case: Case, spec: CacheSpec, parts: Path, fp: str) -> dic
     tmp = parts / f".{case.name}.npz.tmp"
     try:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub: ** could bind allow_pickle
         os.replace(tmp, parts / f"{case.name}.npz")
     finally:
         tmp.unlink(missing_ok=True)
@@ -335,20 +351,34 @@ def extract_case(case: Case, spec: CacheSpec) -> tuple[dict[str, np.ndarray], di
             f"case {case.name}: imaging {tuple(ct.data.shape)} and segmentation {tuple(labels.data.shape)} "
             "differ in shape; fix or remove the case"
         )
-    arrays, entry = extract_slices(np.asarray(ct.data), np.asarray(labels.data), spec)
+    arrays, entry = extract_slices(
+        np.asarray(ct.data), np.asarray(labels.data), spec, spacing_rc=(ct.spacing[1], ct.spacing[2])
+    )
     entry["name"] = case.name
     entry["spacing"] = [float(s) for s in ct.spacing]
     return arrays, entry
 
 
 def extract_slices(
-    ct_hu_zrc: np.ndarray, labels_zrc: np.ndarray, spec: CacheSpec, *, chunk: int = 32
+    ct_hu_zrc: np.ndarray,
+    labels_zrc: np.ndarray,
+    spec: CacheSpec,
+    *,
+    chunk: int = 32,
+    spacing_rc: tuple[float, float] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Cut the training slices of one case (frame arrays) exactly as inference will see them.
 
     Returns the four arrays (``kidney_images`` ... ``tumor_masks``) and the manifest entry
-    (``shape``, ``slices``, ``tumor_slices``, ``band``, ``eig_ratios``).
+    (``shape``, ``slices``, ``tumor_slices``, ``band``, ``eig_ratios``). With a model pixel spacing in
+    ``spec`` (the default) slices go through :class:`kitsseg.preprocess.SliceGrid` at ``spacing_rc`` and
+    the band (``entry["band"]``, in grid rows) is placed on the grid rows of the labels, as inference
+    places it on the kidney model's grid rows.
     """
+    if spec.pixel_spacing_mm is not None:
+        if spacing_rc is None:
+            raise ValueError("a spacing-aware cache spec needs the slices' spacing_rc (mm)")
+        return _extract_on_grid(ct_hu_zrc, labels_zrc, spec, spacing_rc, chunk)
     import torch
 
     from .preprocess import resize, window
@@ -395,6 +425,72 @@ def extract_slices(
     return out, entry
 
 
+def _extract_on_grid(
+    ct_hu_zrc: np.ndarray,
+    labels_zrc: np.ndarray,
+    spec: CacheSpec,
+    spacing_rc: tuple[float, float],
+    chunk: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """:func:`extract_slices` on the model grid (resampled to ``spec.pixel_spacing_mm``, centred)."""
+    import torch
+
+    from .preprocess import resize, window
+
+    lab = np.asarray(labels_zrc)
+    n_z, height, width = lab.shape
+    grid = SliceGrid.for_slice((height, width), spacing_rc, spec.kidney_input, spec.pixel_spacing_mm)
+    fg = lab > 0  # kidney, tumor, and cyst (KiTS21+) count as kidney
+    slices = np.flatnonzero(fg.any(axis=(1, 2)))
+    tumor_slices = np.flatnonzero((lab == 2).any(axis=(1, 2)))
+    dtype = np.uint8 if spec.dtype == "uint8" else np.float16
+    k = int(slices.size)
+    grid_h = spec.kidney_input[0]
+    band_h = band_height(grid_h, spec.band_fraction)
+    out = {
+        "kidney_images": np.zeros((k, *spec.kidney_input), dtype=dtype),
+        "kidney_masks": np.zeros((k, *spec.kidney_input), dtype=np.uint8),
+        "tumor_images": np.zeros((k, *spec.tumor_input), dtype=dtype),
+        "tumor_masks": np.zeros((k, *spec.tumor_input), dtype=np.uint8),
+    }
+    rows_hit = np.zeros(grid_h, dtype=bool)
+    images, tumors = [], []
+    lo, hi = spec.hu_window
+    for start in range(0, k, chunk):
+        idx = slices[start : start + chunk]
+        hu = torch.from_numpy(np.ascontiguousarray(ct_hu_zrc[idx], dtype=np.float32)).unsqueeze(1)
+        img = grid.to_model(window(hu, lo, hi))
+        kid = (grid.to_model(torch.from_numpy(fg[idx].astype(np.float32))[:, None]) >= 0.5).float()
+        tum = (grid.to_model(torch.from_numpy((lab[idx] == 2).astype(np.float32))[:, None]) >= 0.5).float()
+        rows_hit |= kid[:, 0].amax(dim=(0, 2)).numpy() > 0
+        sl = slice(start, start + idx.size)
+        out["kidney_images"][sl] = _to_store(img, dtype)
+        out["kidney_masks"][sl] = _mask_to_store(kid)
+        images.append(img)
+        tumors.append(tum)
+    rows = np.flatnonzero(rows_hit)
+    first = band_start(int(rows[0]), int(rows[-1]), grid_h, spec.band_fraction) if rows.size else (
+        band_start(0, grid_h - 1, grid_h, spec.band_fraction)
+    )
+    for start, (img, tum) in zip(range(0, k, chunk), zip(images, tumors, strict=True), strict=True):
+        sl = slice(start, start + img.shape[0])
+        band = slice(first, first + band_h)
+        out["tumor_images"][sl] = _to_store(resize(img[:, :, band], spec.tumor_input), dtype)
+        out["tumor_masks"][sl] = _mask_to_store(resize(tum[:, :, band], spec.tumor_input, mode="nearest"))
+    # Positive tumor slices are those whose stored target shows tumor: a tumor of a few voxels can vanish
+    # when resampled to the grid, and must then not be counted as one the model should find.
+    tumor_slices = slices[out["tumor_masks"].any(axis=(1, 2))] if k else tumor_slices
+    entry: dict[str, Any] = {
+        "shape": [int(n_z), int(height), int(width)],
+        "slices": [int(s) for s in slices],
+        "tumor_slices": [int(s) for s in tumor_slices],
+        "band": [int(first), int(band_h)],
+        "band_frame": "grid",
+        "eig_ratios": tumor_eig_ratios(lab),
+    }
+    return out, entry
+
+
 def _to_store(x: Any, dtype: Any) -> np.ndarray:
     arr = x[:, 0].numpy()
     if dtype == np.uint8:
@@ -419,12 +515,23 @@ def tumor_eig_ratios(labels_zrc: np.ndarray) -> list[float | None]:
     return [float(r) if np.isfinite(r) else None for r in ratios]  # type: ignore[misc]
 
 
-def cache_summary(cache: SliceCache, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Counts for a report: cases, kidney slices, tumor slices."""
-    names = list(cache.case_names if names is None else names)
-    entries = [cache.case(n) for n in names]
-    return {
-        "cases": len(entries),
-        "kidney_slices": int(sum(len(e["slices"]) for e in entries)),
-        "tumor_slices": int(sum(len(e["tumor_slices"]) for e in entries)),
-    }
+def choose_pixel_spacing(cases: Sequence[Case], grid: tuple[int, int]) -> float:
+    """The model grid's pixel spacing chosen from the data: the median case's in-plane field of view
+    (its longer side, in mm) spread over the grid, rounded to 0.01 mm. Reads headers only.
+
+    For KiTS19 (512 x 512 at a median 0.78 mm) this is about 1.56 mm: the typical slice is resampled by
+    a factor of two, as the legacy geometry did, while finer or coarser scans keep their true size.
+    """
+    import nibabel as nib
+
+    fovs = []
+    for case in cases:
+        img = cast("SpatialImage", nib.load(str(case.image)))
+        codes = nib.aff2axcodes(img.affine)
+        zooms = img.header.get_zooms()[:3]
+        shape = img.shape[:3]
+        inplane = [i for i, c in enumerate(codes) if c not in ("S", "I")] or [0, 1]
+        fovs.append(max(float(shape[i]) * float(zooms[i]) for i in inplane[:2]))
+    if not fovs:
+        return MODEL_SPACING_MM
+    return round(float(np.median(fovs)) / float(min(grid)), 2)

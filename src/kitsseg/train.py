@@ -52,7 +52,7 @@ from .data import (
     write_split,
 )
 from .distributed import DistContext, distributed
-from .errors import DatasetError, KitssegError
+from .errors import DatasetError, InvalidOptionError, KitssegError
 from .model import UNet, UNetConfig
 from .preprocess import BAND_FRACTION, KIDNEY_INPUT, TUMOR_INPUT
 
@@ -123,6 +123,10 @@ class TrainConfig:
     hu_window: tuple[float, float] = (0.0, 255.0)
     kidney_input: tuple[int, int] = KIDNEY_INPUT
     tumor_input: tuple[int, int] = TUMOR_INPUT
+    #: In-plane pixel spacing (mm) of the model grid, carried by the exported weights: each slice is
+    #: resampled to it and centred on the kidney input (as inference does). ``"auto"``: chosen from the
+    #: data, so that the median case's field of view fills the grid; ``None``: the legacy geometry.
+    pixel_spacing_mm: float | Literal["auto"] | None = "auto"
     tumor_neg_ratio: float | None = 1.0
     cache_dir: Path | None = None
     cache_dtype: Literal["uint8", "float16"] = "uint8"
@@ -384,8 +388,26 @@ def train_stage(
     ``positive`` flags mark the positives when ``stage == "tumor"`` (negatives are subsampled per epoch to
     ``config.tumor_neg_ratio``). Writes ``OUT_DIR/last.pt`` every epoch, ``OUT_DIR/best.pt`` when the
     validation Dice improves, and ``OUT_DIR/log.jsonl``. Under torchrun pass the job's ``ctx``; only rank 0
-    writes files and calls ``on_event``.
+    writes files and calls ``on_event``. ``config.threads`` applies while the stage trains; the previous
+    thread count is restored afterwards.
     """
+    from .device import torch_threads
+
+    with torch_threads(config.threads):
+        return _train_stage(stage, train_set, val_set, out_dir, config, ctx=ctx, on_event=on_event)
+
+
+def _train_stage(
+    stage: Stage,
+    train_set: SliceSet,
+    val_set: SliceSet,
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig,
+    *,
+    ctx: DistContext | None = None,
+    on_event: EventFn | None = None,
+) -> StageResult:
+    """:func:`train_stage` with its thread count in effect."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     config.validate()
@@ -407,10 +429,6 @@ def train_stage(
             )
 
     device = resolve_device(config.device, ctx)
-    if config.threads is not None:
-        from .device import set_threads
-
-        set_threads(config.threads)
     dtype = amp_dtype(config, device)
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if device.type == "cuda":
@@ -419,7 +437,8 @@ def train_stage(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     torch.manual_seed(config.seed)
-    model = UNet(config.unet).to(device=device, memory_format=memory_format)
+    # torch's type overloads of Module.to omit memory_format, which it accepts (and documents)
+    model = UNet(config.unet).to(device=device, memory_format=memory_format)  # type: ignore[call-overload]
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
@@ -432,7 +451,7 @@ def train_stage(
     last = out / LAST
     if last.exists():
         if not config.resume:
-            raise KitssegError(
+            raise InvalidOptionError(
                 f"{out} already holds a training run ({LAST}); pass --resume to continue it "
                 "or choose another run folder"
             )
@@ -441,7 +460,7 @@ def train_stage(
             raise KitssegError(f"{last}: not a kitsseg training checkpoint")
         saved = json.loads(payload["meta"])
         if saved != meta:
-            raise KitssegError(
+            raise InvalidOptionError(
                 f"{last} was trained with {saved}, but this run asks for {meta}; resume with the same "
                 "--hu-window, --base-width, --depth, --norm and --upsample, or start a new run folder"
             )
@@ -635,7 +654,7 @@ def _train_epoch(
     from .losses import bce_dice_loss
 
     dataset = _SliceDataset(data.images, data.masks, rows)
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[int] = DistributedSampler(  # it yields row indices of the dataset
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed, drop_last=False
     )
     sampler.set_epoch(epoch)
@@ -773,10 +792,11 @@ def export_weights(
 ) -> Path:
     """Write a weights file (:func:`kitsseg.checkpoint.save_bundle`) with the metadata inference reads.
 
-    ``eig_bounds`` are in voxel units (``eig_unit = "voxel"``, REFERENCE section 2).
+    ``eig_bounds`` are in voxel units (``eig_unit = "voxel"``: the covariance of voxel index coordinates,
+    :func:`kitsseg.postprocess.eigenvalue_ratio`).
     """
     if "kidney" not in stages:
-        raise KitssegError(
+        raise InvalidOptionError(
             "a weights file needs a kidney model; train --model both, or pass --kidney-weights with a "
             "weights file whose kidney model should complete this one"
         )
@@ -802,7 +822,7 @@ def kidney_from_weights(path: str | os.PathLike[str], hu_window: tuple[float, fl
     """The kidney stage of an existing weights file; its HU window must match the run's."""
     bundle = load_bundle(path, "cpu")
     if tuple(bundle.hu_window) != (float(hu_window[0]), float(hu_window[1])):
-        raise KitssegError(
+        raise InvalidOptionError(
             f"--kidney-weights {path} uses the HU window {list(bundle.hu_window)}, but this run trains with "
             f"{list(hu_window)}; both models of a weights file share one window: pass --hu-window "
             f"{bundle.hu_window[0]:g},{bundle.hu_window[1]:g} or train --model both"
@@ -826,8 +846,8 @@ def train(
     ``kidney/`` and ``tumor/`` with ``last.pt``, ``best.pt``, ``log.jsonl``. Works the same in one process
     and under torchrun (one process per GPU or CPU share; rank 0 writes).
     """
-    from .device import available_cores, set_threads
-    from .slicecache import CacheSpec, open_cache, open_or_build
+    from .device import torch_threads
+    from .slicecache import CacheSpec, choose_pixel_spacing, open_cache, open_or_build
 
     config = config or TrainConfig()
     config.validate()
@@ -837,18 +857,14 @@ def train(
     device = resolve_device(config.device)
     notes: list[str] = []
 
-    with distributed(device.type) as ctx:
+    with distributed(device.type) as ctx, torch_threads(_run_threads(config, ctx, device)):
         emit = on_event if ctx.is_main else None
-        if config.threads is not None:
-            set_threads(config.threads)
-        elif ctx.is_distributed and device.type == "cpu":
-            set_threads(max(1, available_cores() // max(1, ctx.local_world_size)))
         cases = find_cases(data)
         names = [c.name for c in cases]
         if not config.resume:
             for stage in stages:
                 if (run / stage / LAST).exists():
-                    raise KitssegError(
+                    raise InvalidOptionError(
                         f"{run / stage} already holds a training run; pass --resume to continue it or "
                         "choose another run folder"
                     )
@@ -869,7 +885,13 @@ def train(
         split = read_split(run / SPLIT_FILE)
 
         cache_dir = Path(config.cache_dir) if config.cache_dir is not None else run / "cache"
+        model_spacing = (
+            choose_pixel_spacing(cases, config.kidney_input)
+            if config.pixel_spacing_mm == "auto"
+            else config.pixel_spacing_mm
+        )
         spec = CacheSpec(
+            pixel_spacing_mm=model_spacing,
             hu_window=(float(config.hu_window[0]), float(config.hu_window[1])),
             kidney_input=tuple(config.kidney_input),  # type: ignore[arg-type]
             tumor_input=tuple(config.tumor_input),  # type: ignore[arg-type]
@@ -942,6 +964,7 @@ def train(
                 training_data=training_data,
                 license=config.license,
                 extra={
+                    **({} if model_spacing is None else {"pixel_spacing_mm": model_spacing}),
                     "training": {
                         "seed": config.seed,
                         "stages": sorted(results),
@@ -958,6 +981,18 @@ def train(
     return TrainResult(run, run / "weights.pt", results, split, cache_dir, bool(built), bounds, notes)
 
 
+def _run_threads(config: TrainConfig, ctx: DistContext, device: torch.device) -> int | None:
+    """PyTorch's CPU threads for a run: ``config.threads``, else under torchrun on CPU the cores shared
+    among this node's processes, else ``None`` (the process's setting stays)."""
+    if config.threads is not None:
+        return config.threads
+    if ctx.is_distributed and device.type == "cpu":
+        from .device import available_cores
+
+        return max(1, available_cores() // max(1, ctx.local_world_size))
+    return None
+
+
 def _kidney_source(
     run: Path, stages: Sequence[Stage], config: TrainConfig
 ) -> Callable[[], StageModel] | None:
@@ -970,7 +1005,7 @@ def _kidney_source(
         return lambda: kidney_from_weights(path, config.hu_window)
     if (run / "kidney" / BEST).is_file():
         return lambda: load_best(run / "kidney")
-    raise KitssegError(
+    raise InvalidOptionError(
         "--model tumor needs a kidney model for the exported weights: pass --kidney-weights PATH "
         "(a kitsseg weights file with the same --hu-window), or train the kidney stage in this run "
         "folder first (--model kidney), or use --model both"

@@ -4,8 +4,8 @@ Every CT or label volume is turned into a slice stack ``data[z, row, col]`` in t
 nibabel axis codes ``('I', 'P', 'L')``: exactly the stored layout of KiTS19 files. ``data[k]`` drawn with
 row 0 on top is the radiological axial view (rows anterior to posterior, columns patient right to left).
 The axial axis is always picked from the affine, never assumed from the array axis order: KiTS19 stores
-slices first, DICOM converters store ``(x, y, z)`` in RAS or LPS, and peers' trackers are full of flipped
-outputs from guessing (REFERENCE section 1). On the way out :func:`save_labels` undoes the reorientation and
+slices first, DICOM converters store ``(x, y, z)`` in RAS or LPS, and peer tools' issue trackers are full
+of flipped outputs from guessing. On the way out :func:`save_labels` undoes the reorientation and
 writes uint8 labels with the input's affine, qform and sform (and codes), atomically.
 
 This is the only module that reads or writes image files; everything else takes and returns arrays.
@@ -14,13 +14,16 @@ This is the only module that reads or writes image files; everything else takes 
 from __future__ import annotations
 
 import errno
+import functools
+import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -33,9 +36,12 @@ from .errors import (
     OutputError,
     ResourceError,
 )
+from .labeltable import NIFTI_DESCRIP
+from .names import NIFTI_SUFFIXES as NIFTI_SUFFIXES  # re-exported: where most callers look for it
 
 if TYPE_CHECKING:
     import nibabel as nib
+    from nibabel.arrayproxy import ArrayProxy
 
 #: nibabel axis codes of the internal frame (KiTS19's stored layout).
 FRAME_AXCODES: tuple[str, str, str] = ("I", "P", "L")
@@ -45,7 +51,6 @@ LAYOUT_AXCODES: dict[str, tuple[str, str, str]] = {
     "ras": ("R", "A", "S"),
     "lps": ("L", "P", "S"),
 }
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: Axes turned by more than this (radians, about 0.06 degree) make an affine "oblique" (warned about).
 _OBLIQUE_TOL = 1e-3
 #: Block of voxels copied at a time when reordering between the file's layout and the frame
@@ -53,10 +58,45 @@ _OBLIQUE_TOL = 1e-3
 _COPY_BLOCK = (16, 64, 64)
 #: Largest label value a uint8 label file can hold.
 _MAX_LABEL = 255
+#: Largest voxel spacing accepted, in mm, along any axis. CT slices are at most about 10 mm apart and
+#: in-plane spacing is under 2 mm; 100 mm between voxels is a broken header (1e30 mm gave null volumes).
+MAX_SPACING_MM = 100.0
+#: Largest finite float32, the dtype scaled CT values are computed in.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class VolumeWarning(KitssegWarning):
     """A volume was loaded but something about it looks wrong (oblique axes, values that are not HU)."""
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET_DEPTH = 0
+_QUIET_SAVED: int = logging.NOTSET
+
+
+@contextmanager
+def quiet_nibabel() -> Iterator[None]:
+    """Keep nibabel's header checks from printing their own lines while a file is opened.
+
+    nibabel logs what it fixes in a header (``pixdim[1,2,3] should be positive; setting to abs of pixdim
+    values``) through a handler of its own on stderr, beside kitsseg's one error or warning line; kitsseg
+    checks what matters itself (spacing, affine, values) and says so in its own words. Problems nibabel
+    treats as errors still raise. Nested and threaded use is counted, so the level is restored once.
+    """
+    global _QUIET_DEPTH, _QUIET_SAVED
+    logger = logging.getLogger("nibabel.global")
+    with _QUIET_LOCK:
+        if _QUIET_DEPTH == 0:
+            _QUIET_SAVED = logger.level
+            logger.setLevel(logging.CRITICAL)
+        _QUIET_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET_DEPTH -= 1
+            if _QUIET_DEPTH == 0:
+                logger.setLevel(_QUIET_SAVED)
 
 
 # --------------------------------------------------------------------------------------------- types
@@ -82,6 +122,12 @@ class Geometry:
     def spatial_shape(self) -> tuple[int, int, int]:
         """Shape of the stored array's three spatial axes (labels are saved with this shape)."""
         return (int(self.shape[0]), int(self.shape[1]), int(self.shape[2]))
+
+    def to_stored(self, frame: np.ndarray) -> np.ndarray:
+        """A frame array in the file's own array layout (a view; e.g. labels for a DICOM-SEG)."""
+        from nibabel.orientations import apply_orientation
+
+        return np.asarray(apply_orientation(frame, _inverse_ornt(self.ornt)))
 
     @property
     def frame_affine(self) -> np.ndarray:
@@ -147,7 +193,11 @@ class Volume:
 
 
 def load_ct(
-    path: str | os.PathLike[str], *, volume_index: int | None = None, keep_int16: bool = False
+    path: str | os.PathLike[str],
+    *,
+    volume_index: int | None = None,
+    keep_int16: bool = False,
+    threads: int | None = None,
 ) -> Volume:
     """Load a CT volume as float32 HU in the frame (or int16 HU, see ``keep_int16``).
 
@@ -161,8 +211,23 @@ def load_ct(
     integral intercept, ``data`` is int16 HU: exactly the same values in half the memory, and half the
     bytes to write while reordering (``segment`` uses it: the 512x512x300 benchmark loads in 0.37-0.40 s
     instead of 0.42-0.78 s). Every other file still gives float32.
+
+    ``threads``: at most this many threads reorder the voxels (default: the cores this process may use,
+    at most 4; see ``_blocked_copy``).
+
+    A folder that holds DICOM files is read as one CT series (:func:`kitsseg.dicom_io.load_dicom_ct`,
+    the ``dicom`` extra), into the same frame.
     """
     path = Path(path)
+    if path.is_dir():
+        from .dicom_io import holds_dicom_series, load_dicom_ct
+
+        if holds_dicom_series(path):
+            if volume_index not in (None, 0):
+                raise InvalidImageError(
+                    f"volume_index={volume_index} asked for, but {path} is a DICOM series (one volume)"
+                )
+            return load_dicom_ct(path, keep_int16=keep_int16)
     img = _open_nifti(path, "CT")
     dtype = img.get_data_dtype()
     index = _volume_index(img, path, volume_index, allow_index=True)
@@ -183,15 +248,17 @@ def load_ct(
             # Decompression and reordering overlap, piece by piece (kitsseg.niftistream). Each piece is
             # reordered on all cores: on the 2-core benchmark machine the first load in a fresh process
             # took 0.45-0.48 s in 8 of 8 runs this way, 0.46-1.13 s with one copying thread.
-            data, lo_hi = read_into_frame(img, path, geometry.ornt, frame_dtype, _blocked_copy)
+            copy = functools.partial(_blocked_copy, workers=_copy_threads(threads))
+            data, lo_hi = read_into_frame(img, path, geometry.ornt, frame_dtype, copy)
         else:
             if index is None:
                 # Unscaled, in the stored dtype (int16 for most CTs): the cast to float32 happens inside
                 # the reordering copy instead of as a separate full-size pass.
-                raw = np.asanyarray(img.dataobj.get_unscaled()).reshape(shape3, order="A")
+                proxy = cast("ArrayProxy", img.dataobj)  # opened from a file: an array proxy
+                raw = np.asanyarray(proxy.get_unscaled()).reshape(shape3, order="A")
             else:
                 raw = np.asarray(img.dataobj[..., index], dtype=np.float32).reshape(shape3, order="A")
-            data = _to_frame(raw, geometry, frame_dtype)
+            data = _to_frame(raw, geometry, frame_dtype, threads)
             lo_hi = (float(raw.min()), float(raw.max())) if integer and raw.size else None
             del raw
     if as_int16 and inter != 0.0:
@@ -202,14 +269,58 @@ def load_ct(
         if lo_hi is not None:
             lo_hi = (lo_hi[0] + inter, lo_hi[1] + inter)
     elif (slope, inter) != (1.0, 0.0):
+        if integer and lo_hi is not None:  # refuse before numpy overflows (and warns) while scaling
+            low, high = sorted(v * slope + inter for v in lo_hi)
+            _check_scaled_range((low, high), slope, inter, path)
         data *= np.float32(slope)
         data += np.float32(inter)
         if lo_hi is not None:
             lo_hi = tuple(sorted(v * slope + inter for v in lo_hi))  # type: ignore[assignment]
-    if not integer or not np.isfinite([slope, inter]).all():
+    if integer and lo_hi is not None and np.isfinite([slope, inter]).all():
+        _check_scaled_range(lo_hi, slope, inter, path)
+    else:
         _check_finite(data, path)
         lo_hi = None
     _check_hu(data, path, lo_hi)
+    return Volume(data, _spacing(geometry), geometry, path)
+
+
+def _check_scaled_range(lo_hi: tuple[float, float], slope: float, inter: float, path: Path) -> None:
+    """Refuse stored integers that ``scl_slope``/``scl_inter`` scale beyond float32 (they become infinite).
+
+    The NaN/inf check is skipped for integer storage (integers are always finite), so the scaled range,
+    known from the stored minimum and maximum, is checked instead: ``scl_slope = 1e38`` on int16 would
+    otherwise give infinite HU and an empty mask with exit 0.
+    """
+    lo, hi = lo_hi
+    if max(abs(lo), abs(hi)) > _FLOAT32_MAX or not np.isfinite([lo, hi]).all():
+        raise InvalidImageError(
+            f"{path} stores integers that its header scales (scl_slope={slope:g}, scl_inter={inter:g}) to "
+            f"values from {lo:.3g} to {hi:.3g}, beyond what float32 holds (they become infinite); fix "
+            "scl_slope/scl_inter in the header (a CT usually has slope 1 and intercept -1024)"
+        )
+
+
+def ct_from_stored(stored: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str]) -> Volume:
+    """A CT volume from HU in some file's own array layout and its RAS affine, as if read from a NIfTI.
+
+    The way in for other formats (:mod:`kitsseg.dicom_io`): the array becomes the frame here, with the
+    same orientation checks and warnings as a NIfTI, and :func:`save_labels` writes labels back with this
+    affine (qform and sform codes 1, scanner) in this array layout. ``stored`` keeps its dtype (int16 or
+    float32); it is copied, never kept.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    img = nib.Nifti1Image(stored, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    geometry = _geometry(img, path, None, raw=img.header)
+    dtype = np.int16 if stored.dtype == np.int16 else np.float32
+    data = _to_frame(stored, geometry, dtype)
+    if dtype == np.float32:
+        _check_finite(data, path)
+    _check_hu(data, path)
     return Volume(data, _spacing(geometry), geometry, path)
 
 
@@ -252,7 +363,8 @@ def _open_nifti(path: Path, what: str) -> nib.Nifti1Pair:
     if path.is_dir():
         raise InvalidImageError(f"{path} is a folder; expected a .nii or .nii.gz {what} volume file")
     try:
-        img = nib.load(str(path))
+        with quiet_nibabel():
+            img = nib.load(str(path))
     except MemoryError as exc:
         raise ResourceError(f"not enough memory to open {path}: {exc}") from exc
     except Exception as exc:  # nibabel raises many types for broken files; all mean "unreadable"
@@ -355,8 +467,11 @@ def _volume_index(img: Any, path: Path, volume_index: int | None, *, allow_index
     return int(volume_index)
 
 
-def _geometry(img: Any, path: Path, volume_index: int | None) -> Geometry:
-    """Validate the affine and spacing, and work out the transform from file axes to the frame."""
+def _geometry(img: Any, path: Path, volume_index: int | None, raw: Any = None) -> Geometry:
+    """Validate the affine and spacing, and work out the transform from file axes to the frame.
+
+    ``raw``: the header as stored, when the image was made in memory (else it is read from the file).
+    """
     import nibabel as nib
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt2axcodes, ornt_transform
 
@@ -364,7 +479,7 @@ def _geometry(img: Any, path: Path, volume_index: int | None) -> Geometry:
     try:
         affine = np.array(img.affine, dtype=np.float64)
         # nibabel silently "fixes" zero or negative pixdim on load; check what the file says.
-        raw = _raw_header(img)
+        raw = _raw_header(img) if raw is None else raw
         sform_code = int(raw["sform_code"])
         pixdim = np.array(raw["pixdim"][1:4], dtype=np.float64)
     except Exception as exc:
@@ -384,6 +499,11 @@ def _geometry(img: Any, path: Path, volume_index: int | None) -> Geometry:
         raise InvalidImageError(
             f"{path} has zero voxel spacing {tuple(float(z) for z in zooms)} mm in its affine; "
             "fix the header (qform/sform/pixdim)"
+        )
+    if not np.all(zooms <= MAX_SPACING_MM):
+        raise InvalidImageError(
+            f"{path} has voxel spacing {tuple(float(f'{z:.4g}') for z in zooms)} mm in its affine; more than "
+            f"{MAX_SPACING_MM:g} mm between voxels is not a CT grid: fix the header (qform/sform/pixdim)"
         )
     rot = affine[:3, :3] / zooms
     if abs(np.linalg.det(rot)) < 1e-6:
@@ -432,16 +552,17 @@ def _spacing(geometry: Geometry) -> tuple[float, float, float]:
     return (float(z), float(r), float(c))
 
 
-def _to_frame(raw: np.ndarray, geometry: Geometry, dtype: type) -> np.ndarray:
+def _to_frame(raw: np.ndarray, geometry: Geometry, dtype: type, threads: int | None = None) -> np.ndarray:
     """Reorient a stored 3D array to the frame as a fresh C-ordered array of ``dtype`` (never a file view).
 
     ``raw`` is best passed in its stored dtype (int16 for most CTs): the cast happens block by block
-    during the reordering copy, so no full-size float temporary exists besides the result.
+    during the reordering copy, so no full-size float temporary exists besides the result. ``threads``
+    bounds the copying threads (see :func:`_copy_threads`).
     """
     from nibabel.orientations import apply_orientation
 
     view = apply_orientation(raw, geometry.ornt)
-    return _blocked_copy(np.empty(view.shape, dtype=dtype), view)
+    return _blocked_copy(np.empty(view.shape, dtype=dtype), view, _copy_threads(threads))
 
 
 def _blocked_copy(dst: np.ndarray, src: np.ndarray, workers: int | None = None) -> np.ndarray:
@@ -474,13 +595,14 @@ def _blocked_copy(dst: np.ndarray, src: np.ndarray, workers: int | None = None) 
     return dst
 
 
-def _copy_threads() -> int:
-    """Threads for big copies: the cores this process may use (at most 4; copies are memory-bound)."""
+def _copy_threads(limit: int | None = None) -> int:
+    """Threads for big copies: the cores this process may use, at most 4 (copies are memory-bound) and at
+    most ``limit`` (the caller's thread count, e.g. ``--threads``)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, cores, limit if limit is not None else cores))
 
 
 def _check_finite(data: np.ndarray, path: Path) -> None:
@@ -562,12 +684,15 @@ def _check_memory(path: Path, needed: int, how: str) -> None:
 # --------------------------------------------------------------------------------------------- saving
 
 
-def save_labels(labels: np.ndarray, like: Volume, path: str | os.PathLike[str]) -> Path:
+def save_labels(
+    labels: np.ndarray, like: Volume, path: str | os.PathLike[str], *, threads: int | None = None
+) -> Path:
     """Write frame labels back in ``like``'s own array layout and header, as uint8, atomically.
 
     The affine, qform and sform (with their codes) of the input are kept; ``scl_slope``/``scl_inter``
     are reset so labels are stored exactly. Raises ``ValueError`` for labels of the wrong shape or values,
     :class:`OutputError` when ``path`` is the input itself or cannot be written (nothing is left behind).
+    ``threads`` bounds the threads that reorder the labels (as in :func:`load_ct`).
     """
     import nibabel as nib
     from nibabel.orientations import apply_orientation
@@ -589,16 +714,21 @@ def save_labels(labels: np.ndarray, like: Volume, path: str | os.PathLike[str]) 
     # nibabel leaves them alone and only updates the shape (a 4D input gives 3D labels) and dtype.
     header = geometry.header.copy()
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    stored_f = _to_stored_order(stored, geometry.ornt, out.shape)
+    stored_f = _to_stored_order(stored, geometry.ornt, out.shape, threads)
     img = klass(stored_f, None, header=header)
     img.header.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0  # the CT's display range would hide labels
+    # Viewers and tools read what the file is (kitsseg.labeltable): a label image, and which label is which.
+    img.header.set_intent("label")
+    img.header["descrip"] = NIFTI_DESCRIP.encode("ascii")
     _atomic_save(img, path)
     return path
 
 
-def _to_stored_order(frame: np.ndarray, ornt: np.ndarray, stored_shape: tuple[int, ...]) -> np.ndarray:
+def _to_stored_order(
+    frame: np.ndarray, ornt: np.ndarray, stored_shape: tuple[int, ...], threads: int | None = None
+) -> np.ndarray:
     """Frame labels in the file's array layout, Fortran-ordered as nibabel writes them.
 
     Labels are a few percent of a CT: the result starts as zeros (calloc: pages are not touched) and only
@@ -618,7 +748,7 @@ def _to_stored_order(frame: np.ndarray, ornt: np.ndarray, stored_shape: tuple[in
     for axis, (to_axis, flip) in enumerate(inverse):  # apply_orientation: flip each axis, then transpose
         sl, n = box[axis], frame.shape[axis]
         stored_box[int(to_axis)] = slice(n - sl.stop, n - sl.start) if flip == -1 else sl
-    _blocked_copy(out[tuple(stored_box)], apply_orientation(frame[box], inverse))
+    _blocked_copy(out[tuple(stored_box)], apply_orientation(frame[box], inverse), _copy_threads(threads))
     return out
 
 
@@ -690,7 +820,7 @@ def _as_uint8_labels(labels: np.ndarray) -> np.ndarray:
 
 def _nifti_suffix(path: Path) -> str:
     name = path.name.lower()
-    for suffix in _NIFTI_SUFFIXES:
+    for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             return suffix
     raise OutputError(f"output {path} must end with .nii.gz or .nii (a NIfTI file name)")
@@ -718,9 +848,7 @@ def _atomic_save(img: Any, path: Path) -> None:
     suffix = _nifti_suffix(path)  # nibabel picks gzip or not from the temporary's name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Not fsynced (as before atomic.py): the report written after the mask is. The full-disk test of
-        # the report (test_cli_robustness) fails os.fsync for the whole process and relies on this.
-        with atomic_output(path, suffix=suffix, fsync=False) as tmp:
+        with atomic_output(path, suffix=suffix) as tmp:
             nib.save(img, str(tmp))
     except OSError as exc:
         raise OutputError(_os_error_message(path, exc)) from exc
@@ -753,7 +881,7 @@ def find_nifti(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if not p.name.startswith(".") and p.name.lower().endswith(_NIFTI_SUFFIXES) and p.is_file()
+        if not p.name.startswith(".") and p.name.lower().endswith(NIFTI_SUFFIXES) and p.is_file()
     )
 
 
@@ -765,7 +893,7 @@ def case_name(path: str | os.PathLike[str]) -> str:
     """
     path = Path(path)
     name = path.name
-    for suffix in _NIFTI_SUFFIXES:
+    for suffix in NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break

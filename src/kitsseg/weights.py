@@ -28,8 +28,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from . import env
 from .atomic import atomic_output
-from .cache import OFFLINE_ENV, cache_root, file_lock, is_offline, lock_path, read_index, record_in_index
+from .cache import (
+    OFFLINE_ENV,
+    cache_root,
+    cache_write_errors,
+    check_root_is_folder,
+    ensure_writable_root,
+    file_lock,
+    is_offline,
+    lock_path,
+    read_index,
+    record_in_index,
+)
 from .download import DownloadPolicy, download, partial_path, sha256_file
 from .errors import ChecksumError, InputNotFoundError, WeightsError
 
@@ -40,7 +52,7 @@ if TYPE_CHECKING:
     from .checkpoint import WeightsBundle
 
 #: Environment variable naming a registry file to use instead of the packaged one.
-REGISTRY_ENV = "KITSSEG_REGISTRY"
+REGISTRY_ENV = env.REGISTRY
 PACKAGE_ASSETS = Path(__file__).resolve().parent / "assets"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -176,8 +188,8 @@ class Registry:
 
 def default_registry() -> Registry:
     """The registry in use: ``$KITSSEG_REGISTRY`` if set, else the one inside the package."""
-    env = os.environ.get(REGISTRY_ENV, "").strip()
-    return Registry.load(Path(env).expanduser() if env else PACKAGE_ASSETS / "registry.json")
+    custom = env.registry()
+    return Registry.load(custom if custom is not None else PACKAGE_ASSETS / "registry.json")
 
 
 class WeightsStatus(NamedTuple):
@@ -411,6 +423,7 @@ def _resolve_url(url: str, ctx: _Ctx, sha: str | None) -> Path:
         return _resolve_entry(entry, ctx)
     index = read_index(ctx.root)
     name, record = next(((n, r) for n, r in index.items() if r.get("source") == url), (None, None))
+    expected: str | None  # the download's checksum: None for a new URL without --sha256
     if record is not None and name is not None:
         dest = ctx.root / str(record["file"])
         recorded = str(record.get("sha256"))
@@ -453,6 +466,7 @@ def _cached_ok(dest: Path, expected: str, name: str, ctx: _Ctx) -> bool:
 
 def _may_download(name: str, file: str, dest: Path, urls: tuple[str, ...], ctx: _Ctx) -> None:
     """Refuse to go on when the file is missing and downloading is not allowed, saying how to fix it."""
+    check_root_is_folder(ctx.root)  # "place it at KITSSEG_HOME/file" is no advice when that is a file
     if not ctx.allow_download:
         raise WeightsError(
             f"weights {name!r} are not in the cache ({dest}); run `kitsseg weights pull {name}` "
@@ -465,6 +479,7 @@ def _may_download(name: str, file: str, dest: Path, urls: tuple[str, ...], ctx: 
             f"the file {file} belongs at {dest}. Copy it to this machine{origin} and place it with "
             f"`{_import_command(name, ctx)}`"
         )
+    ensure_writable_root(ctx.root)
 
 
 def _import_command(name: str, ctx: _Ctx) -> str:
@@ -511,6 +526,7 @@ def import_weights(
         raise InputNotFoundError(f"weights file {src} does not exist or is not a file")
     reg = registry if registry is not None else default_registry()
     root = cache_root(cache_dir)
+    check_root_is_folder(root)
     actual = weights_sha256(src, fresh=True)
     entry = reg.find(name) if name else (reg.by_sha256(actual) or reg.by_file(src.name))
     if entry is not None:
@@ -639,9 +655,19 @@ def _check(path: Path, expected: str, what: str, fix: str) -> None:
 
 
 def _copy_verified(src: Path, dest: Path, sha: str) -> None:
-    """Copy under the target's lock into a temporary file beside it, re-check the hash, rename into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(lock_path(dest)):
+    """Copy under the target's lock into a temporary file beside it, re-check the hash, rename into place.
+
+    The source must not be the cached file itself (or a link to it): that is an output on its input.
+    """
+    from .guard import refuse_outputs_on_inputs
+
+    refuse_outputs_on_inputs(
+        [("the cached weights file", dest)],
+        [("weights file being imported", src)],
+        hint="it is in the cache already, so there is nothing to import",
+    )
+    ensure_writable_root(dest.parent)
+    with cache_write_errors(dest.parent), file_lock(lock_path(dest)):
         with atomic_output(dest) as tmp:
             shutil.copyfile(src, tmp)
             actual = sha256_file(tmp)

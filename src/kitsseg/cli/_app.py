@@ -8,6 +8,11 @@ option and where to find help. Only a bug (an exception outside :class:`KitssegE
 SIGTERM (what Slurm sends at a job's time limit, and ``kill``'s default) is handled like Ctrl-C: without a
 handler Python would die on the spot and leave a half-written mask or checkpoint behind, so while ``main``
 runs it raises ``KeyboardInterrupt`` instead, the same cleanup runs, and the exit code is 143 (128 + 15).
+
+Every option error, click's parse errors and kitsseg's own :class:`~kitsseg.errors.InvalidOptionError`
+alike, exits with 2; a batch with failed cases with ``EXIT_BATCH_FAILED`` (12). The process-wide settings
+(PyTorch's CPU threads, the allocator) belong to the program, so the commands that run the networks set
+them at their start (:func:`kitsseg.tune_process`); the library never does.
 """
 
 from __future__ import annotations
@@ -40,8 +45,6 @@ app = typer.Typer(
 #: Rich console for tables and progress (stdout) and for the one-line errors (stderr).
 console = Console()
 err_console = Console(stderr=True)
-
-#: Exit code when the run is stopped by SIGTERM (the shell convention 128 + 15, as for Ctrl-C's 130).
 
 
 def _version(value: bool) -> None:
@@ -144,9 +147,29 @@ def _sigterm_as_interrupt() -> Iterator[_Termination]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the project's own errors become one line and an exit code, never a traceback."""
-    with warnings.catch_warnings(), _sigterm_as_interrupt() as termination:
-        warnings.showwarning = show_warning
-        _run(argv, termination)
+    try:
+        with warnings.catch_warnings(), _sigterm_as_interrupt() as termination:
+            warnings.showwarning = show_warning
+            _run(argv, termination)
+    except KeyboardInterrupt:  # Ctrl-C outside the command itself (while handlers are set up or restored)
+        fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
+
+
+def warn_if_oversubscribed(threads: int | None, option: str = "--threads") -> None:
+    """One warning line when ``threads`` exceeds the machine's CPUs (``os.cpu_count()``): the extra
+    threads only compete for the same cores, which makes PyTorch slower, not faster."""
+    import os
+
+    from ..errors import KitssegWarning
+
+    cores = os.cpu_count()
+    if threads is not None and cores is not None and threads > cores:
+        warnings.warn(
+            f"{option} {threads} is more than the {cores} CPU cores of this machine; the extra threads "
+            f"compete for the same cores and slow the work down (use at most {option} {cores})",
+            KitssegWarning,
+            stacklevel=2,
+        )
 
 
 def _interrupted(termination: _Termination) -> NoReturn:

@@ -1,7 +1,8 @@
 """`kitsseg evaluate PRED GT`: score label predictions against ground truth and show the tables.
 
-Parses options, calls :func:`kitsseg.evaluate.evaluate`, renders a per-case table and a summary with rich.
-Exit 0 when every matched case was evaluated, 2 (``EXIT_BATCH_FAILED``) when any case failed; the outputs
+Parses options, calls :func:`kitsseg.evaluate.evaluate`, renders a per-case table, a summary and a tumor
+detection table (lesion-wise counts, :mod:`kitsseg.lesions`) with rich.
+Exit 0 when every matched case was evaluated, 12 (``EXIT_BATCH_FAILED``) when any case failed; the outputs
 are written either way.
 """
 
@@ -15,7 +16,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_BATCH_FAILED
-from ._app import app, console, count_progress, fail
+from ._app import app, console, count_progress, fail, one_line
 
 if TYPE_CHECKING:
     from ..evaluate import EvaluationResult
@@ -33,6 +34,9 @@ _CASE_COLUMNS = (
     ("hd95_tumor_mm", "HD95 T mm", 2),
     ("surface_dice_kidney_tumor", "SDice K+T", 4),
     ("surface_dice_tumor", "SDice T", 4),
+    ("tumors_gt", "tumors gt", 0),
+    ("tumors_found", "found", 0),
+    ("tumors_false_positive", "FP", 0),
 )
 _MAX_LISTED = 10
 
@@ -60,9 +64,9 @@ def _case_table(result: EvaluationResult) -> Table:
     for row in result.rows:
         if row["status"] == "ok":
             cells = [_fmt(row[k], d) for k, _, d in _CASE_COLUMNS]
-            table.add_row(row["case"], "[green]ok[/]", *cells)
+            table.add_row(one_line(row["case"]), "[green]ok[/]", *cells)
         else:
-            table.add_row(row["case"], "[red]error[/]", *(["[dim]-[/]"] * len(_CASE_COLUMNS)))
+            table.add_row(one_line(row["case"]), "[red]error[/]", *(["[dim]-[/]"] * len(_CASE_COLUMNS)))
     return table
 
 
@@ -84,12 +88,34 @@ def _summary_table(result: EvaluationResult) -> Table:
     return table
 
 
+def _lesion_table(result: EvaluationResult) -> Table:
+    lesions = result.summary["lesions"]
+    table = Table(
+        title=f"Tumor detection over {lesions['n_cases']} evaluated cases (by equivalent diameter)",
+        title_justify="left",
+    )
+    table.add_column("tumor size", no_wrap=True)
+    for header in ("gt tumors", "found", "sensitivity", "FP", "FP / case"):
+        table.add_column(header, justify="right")
+    blocks = [("all", lesions["overall"]), *lesions["by_size"].items()]
+    for name, block in blocks:
+        table.add_row(
+            name,
+            str(block["tumors_gt"]),
+            str(block["tumors_found"]),
+            _fmt(block["sensitivity"], 3),
+            str(block["false_positives"]),
+            _fmt(block["false_positives_per_case"], 2),
+        )
+    return table
+
+
 def _list_paths(title: str, paths: list[Path]) -> None:
     if not paths:
         return
     console.print(f"[yellow]{title} ({len(paths)}):[/]")
     for p in paths[:_MAX_LISTED]:
-        console.print(f"  {p}", highlight=False, soft_wrap=True)
+        console.print(f"  {one_line(p)}", highlight=False, soft_wrap=True)
     if len(paths) > _MAX_LISTED:
         console.print(f"  ... and {len(paths) - _MAX_LISTED} more (all listed in summary.json)")
 
@@ -123,8 +149,18 @@ def evaluate_command(
     tolerance_mm: Annotated[
         float, typer.Option("--tolerance-mm", min=0.0, help="Tolerance of the surface Dice, in mm.")
     ] = 2.0,
+    lesion_overlap: Annotated[
+        float,
+        typer.Option(
+            "--lesion-overlap",
+            min=0.0,
+            max=1.0,
+            help="Fraction (0, 1] of a ground-truth tumor that predicted tumor voxels must cover for the "
+            "tumor to count as found.",
+        ),
+    ] = 0.1,
 ) -> None:
-    """Score predictions against ground truth: Dice (KiTS regions), volumes, HD95, surface Dice."""
+    """Score predictions against ground truth: Dice, volumes, HD95, surface Dice, tumors found by size."""
 
     from ..evaluate import evaluate
     from ..metrics import EMPTY_MASK_RULE
@@ -133,21 +169,38 @@ def evaluate_command(
         task = bar.add_task("", total=None)
 
         def advance(row: dict[str, Any]) -> None:
-            bar.update(task, advance=1, description=row["case"])
+            bar.update(task, advance=1, description=one_line(row["case"]))
 
         result = evaluate(
-            pred, gt, out_dir=output, workers=workers, tolerance_mm=tolerance_mm, progress=advance
+            pred,
+            gt,
+            out_dir=output,
+            workers=workers,
+            tolerance_mm=tolerance_mm,
+            lesion_overlap=lesion_overlap,
+            progress=advance,
         )
 
     console.print(_case_table(result))
     console.print(_summary_table(result))
+    console.print(_lesion_table(result))
+    console.print(
+        f"[dim]Tumors: 26-connected components of label 2. Found: predicted tumor voxels cover >= "
+        f"{lesion_overlap:g} of a ground-truth tumor. FP: a predicted tumor touching no ground-truth "
+        "tumor.[/]",
+        highlight=False,
+    )
     console.print(f"[dim]Empty masks: {EMPTY_MASK_RULE} '-' marks an undefined value.[/]", highlight=False)
     _list_paths("Predictions without ground truth", result.unmatched_pred)
     _list_paths("Ground truth without prediction", result.unmatched_gt)
     for row in result.errors:
-        console.print(f"[red]{row['case']}:[/] {row['message']}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]{one_line(row['case'])}:[/] {one_line(row['message'])}", highlight=False, soft_wrap=True
+        )
     if result.summary_path is not None:
-        console.print(f"Wrote {result.csv_path} and {result.summary_path}", highlight=False, soft_wrap=True)
+        console.print(
+            one_line(f"Wrote {result.csv_path} and {result.summary_path}"), highlight=False, soft_wrap=True
+        )
     else:
         console.print("[dim]Nothing written; add -o DIR to save per_case.csv and summary.json.[/]")
     if not result.ok:

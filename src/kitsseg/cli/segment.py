@@ -1,8 +1,8 @@
-"""`kitsseg segment INPUT -o OUTPUT`: segment one CT file, or every NIfTI in a folder.
+"""`kitsseg segment INPUT -o OUTPUT`: segment one CT (NIfTI file or DICOM series folder) or a folder of cases.
 
 Parses options, calls :func:`kitsseg.segment.segment` or :func:`kitsseg.segment.segment_folder`, and
 renders progress and tables with rich. A file gives a file (plus its JSON report); a folder gives a folder
-of ``<case>.nii.gz`` and ``<case>.json``. Exit 0 on success; in folder mode 2 (``EXIT_BATCH_FAILED``) when
+of ``<case>.nii.gz`` and ``<case>.json``. Exit 0 on success; in folder mode 12 (``EXIT_BATCH_FAILED``) when
 any case failed, after every other case was written.
 """
 
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import EXIT_BATCH_FAILED, KitssegError
-from ._app import app, console, count_progress, err_console, fail
+from ..errors import EXIT_BATCH_FAILED, InvalidOptionError
+from ._app import app, console, count_progress, err_console, fail, one_line, warn_if_oversubscribed
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -33,11 +33,13 @@ def _parse_bounds(text: str | None) -> tuple[float, float] | None:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise KitssegError(
+        raise InvalidOptionError(
             f"--eig-bounds expects LOW,HIGH (two numbers, e.g. 1.07,2.8), got {text!r}"
         ) from None
     if not 1.0 <= lo <= hi:
-        raise KitssegError(f"--eig-bounds expects 1 <= LOW <= HIGH (a ratio is at least 1), got {text!r}")
+        raise InvalidOptionError(
+            f"--eig-bounds expects 1 <= LOW <= HIGH (a ratio is at least 1), got {text!r}"
+        )
     return lo, hi
 
 
@@ -48,7 +50,7 @@ def _warnings_as_lines() -> Iterator[None]:
     def show(
         message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
     ) -> None:
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {one_line(message)}", highlight=False, soft_wrap=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -59,12 +61,20 @@ def _warnings_as_lines() -> Iterator[None]:
 @app.command("segment")
 def segment_command(
     input_path: Annotated[
-        Path, typer.Argument(metavar="INPUT", help="A CT NIfTI (.nii/.nii.gz) in HU, or a folder of them.")
+        Path,
+        typer.Argument(
+            metavar="INPUT",
+            help="A CT NIfTI (.nii/.nii.gz) in HU, a folder holding one DICOM CT series, or a folder of "
+            "cases (NIfTI files, KiTS case_XXXXX/imaging.nii.gz folders, DICOM series subfolders).",
+        ),
     ],
     output: Annotated[
         Path,
         typer.Option(
-            "--output", "-o", help="Output mask (.nii.gz) for a file INPUT; output folder for a folder INPUT."
+            "--output",
+            "-o",
+            help="Output mask (.nii.gz; .dcm writes a DICOM-SEG of a DICOM INPUT) for one CT; "
+            "output folder for a folder of cases.",
         ),
     ],
     weights: Annotated[
@@ -110,6 +120,16 @@ def segment_command(
             rich_help_panel=_PP,
         ),
     ] = False,
+    bridge_mm: Annotated[
+        float,
+        typer.Option(
+            "--bridge-mm",
+            min=0.0,
+            help="Kidney pieces separated along z by at most this many mm of missed slices count as one "
+            "component when the kidneys are chosen (0: off).",
+            rich_help_panel=_PP,
+        ),
+    ] = 10.0,
     no_tumor_shape: Annotated[
         bool,
         typer.Option(
@@ -187,21 +207,25 @@ def segment_command(
             fill_holes=not no_fill_holes,
             keep_kidneys=not no_keep_kidneys,
             kidney_pairs=not no_kidney_pairs,
+            bridge_mm=bridge_mm,
             tumor_shape=not no_tumor_shape,
             tumor_overlap=not no_tumor_overlap,
             min_overlap=min_overlap,
         )
     common = dict(batch_size=batch_size, postprocess=options, eig_bounds=bounds, bf16=bf16)
+    from ..dicom_io import holds_dicom_series
+
     with _warnings_as_lines():
-        if input_path.is_dir():
+        warn_if_oversubscribed(threads)
+        if input_path.is_dir() and not holds_dicom_series(input_path):  # a DICOM series is one CT
             if volume_index is not None:
-                raise KitssegError(
+                raise InvalidOptionError(
                     "--volume-index works on a single 4D file; segment 4D files one by one, "
                     "or split them into 3D files first"
                 )
             for flag, value in (("--reference", reference), ("--report", report)):
                 if value is not None:
-                    raise KitssegError(
+                    raise InvalidOptionError(
                         f"{flag} works on a single file; for a folder, reports are written beside each mask "
                         "and `kitsseg evaluate` scores a folder against ground truth"
                     )
@@ -210,7 +234,7 @@ def segment_command(
             )
         else:
             if num_parts is not None or part_id is not None:
-                raise KitssegError(
+                raise InvalidOptionError(
                     "--num-parts and --part-id split a folder of cases; INPUT is a single file"
                 )
             _segment_file(
@@ -227,6 +251,22 @@ def segment_command(
             )
 
 
+def _tune_process(device: str, threads: int | None) -> None:
+    """The process-wide settings (CPU threads, allocator on a CPU run), once, before the model loads.
+
+    Only the command does this: the library never changes the process (see :func:`kitsseg.tune_process`).
+    A device that cannot be used is left for ``load_model`` to report, in its usual place.
+    """
+    from ..device import select_device, tune_process
+    from ..errors import DeviceError
+
+    try:
+        on_cpu = select_device(device).type == "cpu"
+    except DeviceError:
+        on_cpu = False
+    tune_process(threads, allocator=on_cpu)
+
+
 def _segment_file(
     input_path: Path,
     output: Path,
@@ -240,41 +280,66 @@ def _segment_file(
     common: dict[str, Any],
 ) -> None:
 
+    from rich.markup import escape
+
+    from ..errors import InputNotFoundError
     from ..report import report_table
-    from ..segment import is_finished, load_model, report_path_for, segment
+    from ..segment import (
+        check_outputs,
+        is_finished,
+        load_model,
+        output_for,
+        remove_empty_folders,
+        report_path_for,
+        segment,
+    )
 
+    output = output_for(input_path, output)  # an existing folder (-o . or -o "") gets <case>.nii.gz
     report_path = report if report is not None else report_path_for(output)
-    if continue_ and is_finished(input_path, output, report_path):
-        console.print(f"[cyan]skipped[/] {input_path}: {output} exists and is valid (--continue)")
-        return
-    if not input_path.exists():  # checked here too so a typo costs no model loading
-        from ..errors import InputNotFoundError
-
-        raise InputNotFoundError(f"input {input_path} does not exist; check the path")
-    model = load_model(weights, device, threads, download_progress=err_console)
-    with count_progress(target=err_console) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{stage} model", total=total)
-            bar.update(tasks[stage], completed=done)
-
-        result = segment(
-            input_path,
-            output,
-            weights=model,
-            reference=reference,
-            report_path=report,
-            preview_path=preview,
-            progress=progress,
-            **common,
+    volume_index = common.get("volume_index")
+    if continue_ and is_finished(input_path, output, report_path, volume_index=volume_index):
+        console.print(
+            f"[cyan]skipped[/] {escape(str(input_path))}: {escape(str(output))} exists, is valid and was "
+            "made from this input (--continue)",
+            highlight=False,
         )
+        return
+    # Every check that needs no voxels happens before the model loads, so a typo costs no model run.
+    if not input_path.exists():
+        raise InputNotFoundError(f"input {input_path} does not exist; check the path")
+    if reference is not None and not reference.exists():
+        raise InputNotFoundError(f"reference {reference} does not exist; check the path")
+    weights_file = Path(weights) if weights is not None and Path(weights).is_file() else None
+    created = check_outputs(input_path, output, report_path, preview, reference, weights_file)
+    try:
+        _tune_process(device, threads)
+        model = load_model(weights, device, threads, download_progress=err_console)
+        with count_progress(target=err_console) as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(f"{stage} model", total=total)
+                bar.update(tasks[stage], completed=done)
+
+            result = segment(
+                input_path,
+                output,
+                weights=model,
+                reference=reference,
+                report_path=report_path,
+                preview_path=preview,
+                progress=progress,
+                **common,
+            )
+    except BaseException:
+        remove_empty_folders(created)  # a refused input leaves no empty output folder behind
+        raise
     console.print(report_table(result.report))
     written = [str(result.output_path), str(result.report_path)]
     if result.preview_path is not None:
         written.append(str(result.preview_path))
-    console.print("[green]wrote[/] " + ", ".join(written), highlight=False)
+    console.print("[green]wrote[/] " + escape(", ".join(written)), highlight=False, soft_wrap=True)
 
 
 def _segment_folder(
@@ -299,16 +364,21 @@ def _segment_folder(
         raise OutputError(
             f"INPUT {input_dir} is a folder, so -o must be a folder too; {output_dir} is a file"
         )
+    _tune_process(device, threads)
     with count_progress(target=err_console) as bar:
         task = bar.add_task("segmenting", total=None)
 
         def start(case: str, index: int, total: int) -> None:
-            bar.update(task, total=total, completed=index, description=f"segmenting {case}")
+            bar.update(task, total=total, completed=index, description=f"segmenting {one_line(case)}")
 
         def done(outcome: CaseOutcome, index: int, total: int) -> None:
             bar.update(task, completed=index + 1)
             if outcome.status == "failed":
-                err_console.print(f"[bold red]failed[/] {outcome.case}: {outcome.message}", highlight=False)
+                err_console.print(
+                    f"[bold red]failed[/] {one_line(outcome.case)}: {one_line(outcome.message)}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
         result = segment_folder(
             input_dir,
@@ -329,7 +399,7 @@ def _segment_folder(
     console.print(
         f"part {result.part_id} of {result.num_parts}: {len(result.outcomes)} of {result.total_cases} cases; "
         f"{len(result.done)} done, {len(result.skipped)} skipped, {len(result.failed)} failed; "
-        f"summary {result.summary_path}",
+        + one_line(f"summary {result.summary_path}; cohort table {result.cohort_path}"),
         highlight=False,
     )
     if result.failed:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from ._app import app, console, count_progress
+from ._app import app, console, count_progress, one_line
 
 if TYPE_CHECKING:
     from ..shapestats import ShapeStats
@@ -76,16 +76,14 @@ def stats_command(
 
     from ..shapestats import CaseShapes, find_label_files, shape_stats, write_json
 
-    if output is not None and not output.parent.is_dir():
-        from ..errors import OutputError
-
-        raise OutputError(f"cannot write {output}: folder {output.parent} does not exist; create it first")
-    n_files = len(find_label_files(folder))
+    label_files = find_label_files(folder)
+    if output is not None:
+        _check_output(output, label_files)
     with count_progress("reading labels") as bar:
-        task = bar.add_task("", total=n_files)
+        task = bar.add_task("", total=len(label_files))
 
         def advance(case: CaseShapes) -> None:
-            bar.update(task, advance=1, description=case.case)
+            bar.update(task, advance=1, description=one_line(case.case))
 
         stats = shape_stats(
             folder,
@@ -111,4 +109,19 @@ def stats_command(
         console.print(f"[dim]{n_ignored} components under {min_voxels} voxels ignored.[/]")
     if output is not None:
         write_json(stats, output)
-        console.print(f"Wrote {output}", highlight=False)
+        console.print(f"Wrote {one_line(output)}", highlight=False, soft_wrap=True)
+
+
+def _check_output(output: Path, label_files: list[Path]) -> None:
+    """Refuse ``-o`` before any file is read: a folder (``-o .``), a missing folder, or one of the label
+    files being read (also through a symlink or hard link)."""
+    from ..errors import OutputError
+    from ..guard import refuse_outputs_on_inputs
+
+    if output.is_dir():
+        raise OutputError(
+            f"-o {output} is a folder; give a file name for the statistics, e.g. shape-stats.json"
+        )
+    if not output.parent.is_dir():
+        raise OutputError(f"cannot write {output}: folder {output.parent} does not exist; create it first")
+    refuse_outputs_on_inputs([("-o", output)], [("label file", p) for p in label_files])

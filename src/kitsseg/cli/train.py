@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from ._app import app, console, fail
+from ..errors import InvalidOptionError
+from ._app import app, console, one_line, warn_if_oversubscribed
 
 if TYPE_CHECKING:
     from ..train import TrainResult
 
-#: Exit code of a bad option value (click's usage-error code, which Typer's own checks also use).
-USAGE_ERROR = 2
 _ARCH_DEFAULTS = {"base_width": 16, "depth": 4, "norm": "batch", "upsample": "transpose"}
 
 
@@ -49,26 +48,20 @@ class AmpChoice(str, enum.Enum):
 
 
 def _parse_window(text: str) -> tuple[float, float]:
-    """``"LO,HI"`` -> ``(lo, hi)``; a bad value is a usage error (one red line, exit 2)."""
+    """``"LO,HI"`` -> ``(lo, hi)``; a bad value is an :class:`InvalidOptionError` (one red line, exit 2)."""
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        fail(f"--hu-window: expected LO,HI in HU (e.g. 0,255 or -200,300), got {text!r}", USAGE_ERROR)
+        raise InvalidOptionError(
+            f"--hu-window: expected LO,HI in HU (e.g. 0,255 or -200,300), got {text!r}"
+        ) from None
     if not hi > lo:
-        fail(f"--hu-window: HI must be above LO, got {text!r}", USAGE_ERROR)
+        raise InvalidOptionError(f"--hu-window: HI must be above LO, got {text!r}")
     return lo, hi
 
 
 @app.command("train")
 def train_command(
-    data_dir: Annotated[
-        Path,
-        typer.Argument(
-            metavar="DATA_DIR",
-            help="Dataset in KiTS19 layout: case_XXXXX/imaging.nii.gz + segmentation.nii.gz.",
-            show_default=False,
-        ),
-    ],
     output: Annotated[
         Path,
         typer.Option(
@@ -78,6 +71,15 @@ def train_command(
             show_default=False,
         ),
     ],
+    data_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="DATA_DIR",
+            help="Dataset in KiTS19 layout: case_XXXXX/imaging.nii.gz + segmentation.nii.gz. With --config: "
+            "the folder of the config's slice sets (overrides its data_root).",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[ModelChoice, typer.Option("--model", help="Stages to train.")] = ModelChoice.both,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Maximum epochs per stage.")] = 50,
     batch_size: Annotated[
@@ -156,20 +158,38 @@ def train_command(
     name: Annotated[
         str | None, typer.Option("--name", help="Name stored in the weights (default kitsseg-RUN_DIR).")
     ] = None,
+    recipe_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A training recipe (JSON, e.g. configs/starter.json: the shipped weights' recipe) on real "
+            "slice sets; resumes each stage from RUN_DIR and exports RUN_DIR/weights.pt.",
+        ),
+    ] = None,
 ) -> None:
     """Train the kidney and tumor U-Nets (the seed paper's recipe) and export RUN_DIR/weights.pt."""
+    if recipe_file is not None:
+        warn_if_oversubscribed(threads)
+        if data_dir is not None:  # the slice sets must not receive the run's files either
+            _check_run_folder(data_dir, output, None, None)
+        _train_recipe(recipe_file, data_dir, output, model.value, threads)
+        return
+    if data_dir is None:
+        raise InvalidOptionError("give DATA_DIR (a KiTS19-layout folder) or --config RECIPE.json")
     from ..distributed import is_main_process
     from ..model import UNetConfig
     from ..train import TrainConfig, train
 
     window = _parse_window(hu_window)
+    warn_if_oversubscribed(threads)
+    _check_run_folder(data_dir, output, cache_dir, kidney_weights)
     if not 0.0 < val_fraction < 1.0:
-        fail(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}", USAGE_ERROR)
+        raise InvalidOptionError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     arch = {"base_width": base_width, "depth": depth, "norm": norm.value, "upsample": upsample.value}
     if paper_config:
         changed = [f"--{k.replace('_', '-')}" for k, v in arch.items() if v != _ARCH_DEFAULTS[k]]
         if changed:
-            fail(f"--paper-config fixes the architecture; drop {', '.join(changed)}", USAGE_ERROR)
+            raise InvalidOptionError(f"--paper-config fixes the architecture; drop {', '.join(changed)}")
         unet = UNetConfig.paper()
     else:
         unet = UNetConfig(in_channels=1, **arch)  # type: ignore[arg-type]
@@ -201,6 +221,57 @@ def train_command(
     with _Display() as display:
         result = train(data_dir, output, config, on_event=display.event)
     _summary(result)
+
+
+def _check_run_folder(
+    data_dir: Path, run_dir: Path, cache_dir: Path | None, kidney_weights: Path | None
+) -> None:
+    """Refuse a run folder or slice cache that would put this run's outputs onto what it reads.
+
+    The run folder receives weights.pt, checkpoints, split.json, config.json and (by default) the slice
+    cache, so it must be neither DATA_DIR itself nor inside one of its case folders, and the
+    ``--kidney-weights`` file must not lie in it (the run rewrites its files). Symlinks and hard links
+    count (:mod:`kitsseg.guard`). Checked before any file is read.
+    """
+    from ..data import IMAGE_NAMES, LABEL_NAMES
+    from ..errors import OutputError
+    from ..guard import refuse_outputs_on_inputs, same_file
+
+    def inside(folder: Path, parent: Path) -> Path | None:
+        """The first component of ``folder`` under ``parent`` (``parent`` itself if equal), else None."""
+        if same_file(folder, parent):
+            return parent
+        try:
+            rel = folder.resolve().relative_to(parent.resolve())
+        except (ValueError, OSError, RuntimeError):
+            return None
+        return parent / rel.parts[0]
+
+    for flag, folder in (("-o", run_dir), ("--cache-dir", cache_dir)):
+        hit = None if folder is None else inside(folder, data_dir)
+        if hit is None or folder is None:
+            continue
+        if hit == data_dir:
+            raise OutputError(
+                f"{flag} {folder} is the dataset folder DATA_DIR; training writes its files elsewhere, "
+                "choose another folder"
+            )
+        if any((hit / name).exists() for name in (*IMAGE_NAMES, *LABEL_NAMES)):
+            raise OutputError(
+                f"{flag} {folder} lies in the case folder {hit} of DATA_DIR; inputs are never modified: "
+                "choose a folder outside the dataset's cases"
+            )
+    if kidney_weights is not None:
+        refuse_outputs_on_inputs(
+            [("-o", run_dir / "weights.pt")],
+            [("--kidney-weights file", kidney_weights)],
+            hint="train into another folder, or copy the kidney weights elsewhere first",
+        )
+        if inside(kidney_weights, run_dir) is not None:
+            raise OutputError(
+                f"--kidney-weights {kidney_weights} lies in the run folder {run_dir}, whose files this run "
+                "rewrites; copy it elsewhere first or train into another folder"
+            )
 
 
 class _Display:
@@ -240,14 +311,14 @@ class _Display:
         if name == "cache_start":
             self._task("cache", "slice cache", info["total"], info["reused"])
         elif name == "cache_case":
-            p.update(self.tasks["cache"], completed=info["done"], info=info["case"])
+            p.update(self.tasks["cache"], completed=info["done"], info=one_line(info["case"]))
         elif name == "cache_ready":
             if "cache" in self.tasks:
                 p.remove_task(self.tasks.pop("cache"))
             how = "built" if info["built"] else "reused"
             p.console.print(
                 f"slice cache {how}: {info['slices']} slices from {info['cases']} cases "
-                f"({info['train']} train / {info['val']} validation cases) in {info['root']}",
+                f"({info['train']} train / {info['val']} validation cases) in {one_line(info['root'])}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -310,11 +381,34 @@ def _summary(result: TrainResult) -> None:
         )
     console.print(table)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]note:[/] {one_line(note)}", highlight=False, soft_wrap=True)
     lo, hi = result.eig_bounds
     console.print(
-        f"Weights: {result.weights_path} (tumor shape bounds {lo:.3f}-{hi:.3f}, voxel units); "
-        f"use them with kitsseg segment --weights {result.weights_path}",
+        f"Weights: {one_line(result.weights_path)} (tumor shape bounds {lo:.3f}-{hi:.3f}, voxel units); "
+        f"use them with kitsseg segment --weights {one_line(result.weights_path)}",
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _train_recipe(
+    recipe_file: Path, data_dir: Path | None, output: Path, model: str, threads: int | None
+) -> None:
+    """``--config``: run a slice-set recipe (:mod:`kitsseg.training`), then export RUN_DIR/weights.pt."""
+    import torch
+
+    from ..training.recipe import STAGES, load_recipe
+    from ..training.slicetrain import train_from_config
+
+    recipe = load_recipe(recipe_file, data_dir)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    stages = STAGES if model == "both" else (model,)
+    path = train_from_config(
+        recipe,
+        output,
+        stages=stages,
+        export_to=output / "weights.pt",
+        log=lambda m: console.print(m, markup=False, soft_wrap=True),
+    )
+    console.print(f"weights: {path}", markup=False)

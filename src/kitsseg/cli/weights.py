@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ChecksumError
-from ._app import app, console, err_console, fail
+from ._app import app, console, err_console, fail, one_line
 
 weights_app = typer.Typer(
     name="weights",
@@ -52,7 +52,7 @@ def list_cmd(cache_dir: CacheDir = None) -> None:
     from ..weights import list_weights
 
     rows = list_weights(cache_dir)
-    table = Table(title=f"Weights (cache: {cache_root(cache_dir)})", title_justify="left")
+    table = Table(title=f"Weights (cache: {one_line(cache_root(cache_dir))})", title_justify="left")
     for column in ("name", "version", "size", "licence", "status"):
         table.add_column(column, no_wrap=column in ("name", "status"))
     styles = {
@@ -63,9 +63,15 @@ def list_cmd(cache_dir: CacheDir = None) -> None:
     }
     for row in rows:
         entry = row.entry
-        name = entry.name + (" [dim](default)[/]" if entry.default else "")
+        name = one_line(entry.name) + (" [dim](default)[/]" if entry.default else "")
         name += " [dim](local)[/]" if entry.origin == "local" else ""
-        table.add_row(name, entry.version or "-", _size(entry.size), entry.license or "-", styles[row.state])
+        table.add_row(
+            name,
+            one_line(entry.version or "-"),
+            _size(entry.size),
+            one_line(entry.license or "-"),
+            styles[row.state],
+        )
     console.print(table)
 
 
@@ -91,7 +97,7 @@ def pull_cmd(
         progress=err_console,
         policy=DownloadPolicy(retries=retries),
     )
-    console.print(f"[green]ok[/] {name_or_url} -> {path}", highlight=False, soft_wrap=True)
+    console.print(f"[green]ok[/] {one_line(f'{name_or_url} -> {path}')}", highlight=False, soft_wrap=True)
     console.print(f"sha256 {weights_sha256(path)}", highlight=False, soft_wrap=True)
 
 
@@ -111,7 +117,7 @@ def import_cmd(
     from ..weights import import_weights
 
     path = import_weights(file, name, cache_dir=cache_dir)
-    console.print(f"[green]imported[/] {file} -> {path}", highlight=False, soft_wrap=True)
+    console.print(f"[green]imported[/] {one_line(f'{file} -> {path}')}", highlight=False, soft_wrap=True)
 
 
 @weights_app.command("path")
@@ -136,7 +142,9 @@ def verify_cmd(cache_dir: CacheDir = None) -> None:
     table.add_column("ok", no_wrap=True)
     table.add_column("details", overflow="fold")
     for result in results:
-        table.add_row(result.name, "[green]ok[/]" if result.ok else "[red]FAILED[/]", result.message)
+        table.add_row(
+            one_line(result.name), "[green]ok[/]" if result.ok else "[red]FAILED[/]", one_line(result.message)
+        )
     console.print(table)
     bad = [r for r in results if not r.ok]
     if bad:

@@ -203,7 +203,7 @@ def train_stage(
     donors = torch.nonzero(has_tu & ~val).flatten()
 
     torch.manual_seed(recipe.seed)
-    model = _initial_model(sr, stage).to(memory_format=torch.channels_last)
+    model = _initial_model(sr, stage).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.Adam(model.parameters(), lr=sr.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=sr.patience)
     gen = torch.Generator().manual_seed(recipe.seed)
