@@ -3,7 +3,7 @@
 A slice in the internal frame (rows anterior to posterior, columns patient right to left) is windowed to
 the checkpoint's HU window and scaled to [0, 1], then resized to the model's input. The tumor model sees a
 half-height band of the slice whose rows are placed per case around the kidney (the paper's fixed lower
-half loses 16% of kidney tissue, REFERENCE section 2; a per-case band always fits).
+half loses 16% of kidney tissue on the KiTS19 labels; a per-case band always fits).
 """
 
 from __future__ import annotations
