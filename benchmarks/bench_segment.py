@@ -2,7 +2,8 @@
 
 One run answers: how far is the pipeline from the fastest it could be on this machine? It
 
-1. builds a synthetic 512x512xN CT (``kitsseg.phantom``, stored as int16 HU like real CTs) or takes a
+1. builds a synthetic 512x512xN CT (``kitsseg.evaluation.phantom``, stored as int16 HU like real CTs) or takes
+a
    given NIfTI;
 2. segments it in a fresh subprocess (so peak RSS is this run's alone) and reads the report's per-stage
    timings (load, kidney, tumor, postprocess, write), the time inside the networks, and the peak RSS;
@@ -11,7 +12,7 @@ One run answers: how far is the pipeline from the fastest it could be on this ma
 4. measures the machine's convolution throughput for the models' own layer shapes at the batch size used
    (each Conv2d/ConvTranspose2d shape alone, channels-last, ``inference_mode``; fp32, and bf16 autocast
    when the CPU has native bf16 or the run used it), exactly as the pipeline runs them
-   (``kitsseg.predict.inference_model``: BatchNorm folded);
+   (``kitsseg.inference.predict.inference_model``: BatchNorm folded);
 5. prints the floor (sum over layers of FLOPs / best throughput of fp32 and the precision used), the
    ratio wall / floor, slices per second, and peak RSS against the input's size.
 
@@ -116,7 +117,7 @@ def band_pass_unet(config: Any, lo: float, hi: float) -> Any:
     import torch
     from torch import nn
 
-    from kitsseg.model import UNet
+    from kitsseg.nets.model import UNet
 
     net = UNet(config)
     with torch.no_grad():
@@ -146,9 +147,9 @@ def write_stand_in(path: Path, config: Any, kind: str) -> Path:
     """Write a ``random`` or ``oracle`` bundle of ``config``: kidney stage 256x256, tumor stage 128x256."""
     import torch
 
-    from kitsseg.checkpoint import StageModel, save_bundle
-    from kitsseg.model import UNet
-    from kitsseg.preprocess import KIDNEY_INPUT, TUMOR_INPUT
+    from kitsseg.inference.preprocess import KIDNEY_INPUT, TUMOR_INPUT
+    from kitsseg.nets.model import UNet
+    from kitsseg.weights.checkpoint import StageModel, save_bundle
 
     torch.manual_seed(0)
     if kind == "oracle":  # windowed [0, 255] HU: kidney+tumor ~49-230 HU, tumor ~49-115 HU
@@ -163,8 +164,8 @@ def write_stand_in(path: Path, config: Any, kind: str) -> Path:
 def resolve_main_weights(spec: str | None, work: Path) -> tuple[Path, str]:
     """The weights file of the main measurement and a line saying what it is."""
     from kitsseg.errors import KitssegError
-    from kitsseg.model import UNetConfig
-    from kitsseg.weights import resolve_weights
+    from kitsseg.nets.model import UNetConfig
+    from kitsseg.weights.resolve import resolve_weights
 
     cfg = UNetConfig.cpu_default()
     if spec in ("random", "oracle"):
@@ -191,8 +192,8 @@ def synthetic_ct(work: Path, slices: int) -> tuple[Path, Path, float]:
     """Write a 512x512x``slices`` phantom CT (int16 HU) and its labels; return paths and seconds."""
     import numpy as np
 
-    from kitsseg.phantom import make_phantom
-    from kitsseg.volume import write_frame
+    from kitsseg.evaluation.phantom import make_phantom
+    from kitsseg.io.save import write_frame
 
     t0 = time.perf_counter()
     ct, labels = make_phantom((slices, SIZE, SIZE), SPACING, seed=0, n_tumors=1)
@@ -207,9 +208,9 @@ def synthetic_ct(work: Path, slices: int) -> tuple[Path, Path, float]:
 
 
 def native_bf16(device: Any) -> bool:
-    """``kitsseg.predict.native_bf16``, or the CPU flags where that kitsseg predates it."""
+    """``kitsseg.inference.predict.native_bf16``, or the CPU flags where that kitsseg predates it."""
     try:
-        from kitsseg.predict import native_bf16 as check
+        from kitsseg.inference.predict import native_bf16 as check
     except ImportError:
         if device.type == "cuda":
             import torch
@@ -260,8 +261,8 @@ def child(spec: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     import numpy as np
 
-    import kitsseg.predict as predict
-    from kitsseg.segment import segment
+    import kitsseg.inference.predict as predict
+    from kitsseg.inference.segment import segment
 
     import_s = time.perf_counter() - t0
     rss_after_import = vm_rss_mb()
@@ -288,8 +289,8 @@ def child(spec: dict[str, Any]) -> None:
     peak = peak_rss_mb()
     reference = None
     if spec["reference"]:  # outside the timed call: a user's segment run has no reference labels
-        from kitsseg.metrics import dice, region_mask
-        from kitsseg.volume import load_labels
+        from kitsseg.evaluation.metrics import dice, region_mask
+        from kitsseg.io.load import load_labels
 
         ref = load_labels(spec["reference"]).data
         ours = load_labels(spec["output"]).data
@@ -444,10 +445,10 @@ def measure_floor(
     weights: Path, run: dict[str, Any], args: argparse.Namespace, precisions: list[str]
 ) -> dict[str, Any]:
     """FLOPs executed and the compute floor of each stage of one segment run."""
-    from kitsseg.checkpoint import load_bundle
+    from kitsseg.weights.checkpoint import load_bundle
 
     try:
-        from kitsseg.predict import inference_model
+        from kitsseg.inference.predict import inference_model
     except ImportError:  # a kitsseg from before the speed work: the layers as it ran them
 
         def inference_model(model: Any) -> Any:
@@ -618,13 +619,13 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from kitsseg.device import select_device, set_threads
-    from kitsseg.model import UNetConfig
+    from kitsseg.nets.device import select_device, set_threads
+    from kitsseg.nets.model import UNetConfig
 
     device = select_device(args.device)
     threads = set_threads(args.threads)
     try:  # the allocator settings segment() applies: the layer timings of the floor get them too
-        from kitsseg.allocator import tune_cpu_allocator
+        from kitsseg.nets.allocator import tune_cpu_allocator
 
         allocator = tune_cpu_allocator() if device.type == "cpu" else False
     except ImportError:  # a kitsseg from before them
@@ -636,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{threads} threads, device {device}, native bf16: {native_bf16(device)}, precision: "
             f"{'bf16' if args.bf16 else 'fp32' if args.fp32 else 'as segment picks (bf16 where native)'}, "
-            f"glibc allocator tuned (kitsseg.allocator): {allocator}"
+            f"glibc allocator tuned (kitsseg.nets.allocator): {allocator}"
         )
         reference = None
         if args.input is not None:

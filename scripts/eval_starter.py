@@ -4,7 +4,7 @@
 
 The slices and the patient-level split come from the training config (``configs/starter.json`` by
 default: same sources, same grey-to-HU mapping, same seed), so the validation patients are exactly those
-the recipe held out. Each validation slice is run through ``kitsseg.predict.predict_volume`` as a
+the recipe held out. Each validation slice is run through ``kitsseg.inference.predict.predict_volume`` as a
 one-slice volume at its native resolution and pixel spacing: kidney model on the whole slice, tumor band
 placed from the kidney prediction, probabilities brought back before thresholding.
 
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from kitsseg.checkpoint import load_bundle
-from kitsseg.predict import predict_volume
+from kitsseg.inference.predict import predict_volume
 from kitsseg.training.recipe import load_recipe
 from kitsseg.training.slicesets import read_source, split_groups
+from kitsseg.weights.checkpoint import load_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (("<=20mm", 0, 20), ("20-40mm", 20, 40), (">40mm", 40, math.inf))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kitsseg.volume import load_labels
+from kitsseg.io.load import load_labels
 
 REF = Path(__file__).resolve().parents[2] / "shared/data/real-ct/example_ct_seg_v1_blob18e85b3.nii.gz"
 

@@ -1,4 +1,4 @@
-"""Gallery of real KiTS19 tumors beside synthetic ones painted by ``kitsseg.synthtumor`` (a dev script).
+"""Gallery of real KiTS19 tumors beside synthetic ones from ``kitsseg.training.synthtumor`` (a dev script).
 
 Writes ``docs/images/tumor-gallery.png``: crops of 100 mm (64 pixels of 1.5625 mm, the model grid) shown as
 the model sees them (window 0..255 HU). The upper blocks are real tumors from
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from kitsseg.atomic import write_bytes_atomic
-from kitsseg.synthtumor import SynthTumorConfig, synthesize_tumors_detailed
+from kitsseg.io.atomic import write_bytes_atomic
+from kitsseg.training.synthtumor import SynthTumorConfig, synthesize_tumors_detailed
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "real-slices" / "kits19_slices_512.npz"
@@ -267,8 +267,8 @@ def main() -> None:
         [
             (f"Real KiTS19 tumors ({len(real)} cases; 100 mm crops at 1.5625 mm, window 0..255 HU)",
              real, False),
-            ("Synthetic tumors (kitsseg.synthtumor defaults, sizes in 4 log bins of 5-40 mm) in tumor-free "
-             "kidneys of the same slices", synthetic, False),
+            ("Synthetic tumors (kitsseg.training.synthtumor defaults, sizes in 4 log bins of 5-40 mm) in "
+             "tumor-free kidneys of the same slices", synthetic, False),
             ("Real, tumor label outlined", real, True),
             ("Synthetic, tumor label (alpha >= 0.5) outlined", synthetic, True),
         ],

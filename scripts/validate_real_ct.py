@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kitsseg.segment import load_model, segment
-from kitsseg.volume import load_labels
+from kitsseg.inference.segment import load_model, segment
+from kitsseg.io.load import load_labels
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
 CASES = {

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kitsseg.phantom import make_phantom, write_phantom
+from kitsseg.evaluation.phantom import make_phantom, write_phantom
 
 PHANTOM_SHAPE = (24, 64, 64)
 PHANTOM_SPACING = (2.5, 0.8, 0.7)

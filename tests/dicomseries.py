@@ -4,7 +4,7 @@ The frame ``(z, row, col)`` (axis codes I, P, L) maps onto plain axial DICOM sli
 ``[1, 0, 0, 0, 1, 0]`` (columns run to the patient's left, rows to posterior), so a slice's pixel array is
 the frame slice itself; frame slice ``k`` lies at ``z = -k * dz`` (LPS), so slice 0 is the most superior
 and its position is the origin. The volume read back must then equal the frame, with the KiTS19 affine of
-the spacing (:func:`kitsseg.volume.kits19_affine`). Files are named in a shuffled order, without suffix,
+the spacing (:func:`kitsseg.io.frame.kits19_affine`). Files are named in a shuffled order, without suffix,
 and InstanceNumber runs backwards, so nothing but the positions can give the right order.
 """
 

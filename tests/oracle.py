@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from kitsseg.checkpoint import StageModel, WeightsBundle, save_bundle
-from kitsseg.model import UNet, UNetConfig
+from kitsseg.nets.model import UNet, UNetConfig
+from kitsseg.weights.checkpoint import StageModel, WeightsBundle, save_bundle
 
 TINY = UNetConfig(base_width=4, depth=2, norm="none")
 

@@ -10,8 +10,8 @@ import hashlib
 from pathlib import Path
 
 from kitsseg.cli import main
-from kitsseg.phantom import make_phantom
-from kitsseg.volume import write_frame
+from kitsseg.evaluation.phantom import make_phantom
+from kitsseg.io.save import write_frame
 
 SHAPE = (12, 48, 48)
 SPACING = (2.5, 0.8, 0.8)

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import kitsseg
-from kitsseg.device import torch_threads
 from kitsseg.errors import InvalidOptionError
-from kitsseg.phantom import write_phantom
-from kitsseg.volume import write_frame
+from kitsseg.evaluation.phantom import write_phantom
+from kitsseg.io.save import write_frame
+from kitsseg.nets.device import torch_threads
 from oracle import write_oracle_weights
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -62,11 +62,11 @@ def test_load_model_leaves_the_thread_count_alone(weights: Path, other_thread_co
 def test_segment_runs_with_its_threads_and_restores_the_count(
     tmp_path: Path, ct: Path, weights: Path, other_thread_count: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kitsseg.predict as predict
-    import kitsseg.volume as volume
+    import kitsseg.inference.predict as predict
+    from kitsseg.io import frame, load, save
 
     seen: dict[str, list[int | None]] = {"torch": [], "copy": []}
-    real_predict, real_copy = predict.predict_volume, volume._blocked_copy
+    real_predict, real_copy = predict.predict_volume, frame._blocked_copy
 
     def recording_predict(*args: object, **kwargs: object) -> object:
         seen["torch"].append(torch.get_num_threads())
@@ -77,7 +77,8 @@ def test_segment_runs_with_its_threads_and_restores_the_count(
         return real_copy(dst, src, workers)
 
     monkeypatch.setattr(predict, "predict_volume", recording_predict)
-    monkeypatch.setattr(volume, "_blocked_copy", recording_copy)
+    for module in (frame, load, save):  # each module that calls it holds its own reference
+        monkeypatch.setattr(module, "_blocked_copy", recording_copy)
     result = kitsseg.segment(ct, tmp_path / "m.nii.gz", weights=weights, device="cpu", threads=1)
     assert result.report["tumor_count"] >= 0
     assert seen["torch"] == [1]  # the networks ran with the threads asked for
@@ -89,7 +90,7 @@ def test_segment_runs_with_its_threads_and_restores_the_count(
 def test_segment_without_threads_uses_the_process_setting(
     tmp_path: Path, ct: Path, weights: Path, other_thread_count: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kitsseg.predict as predict
+    import kitsseg.inference.predict as predict
 
     seen: list[int] = []
     real = predict.predict_volume
@@ -145,7 +146,7 @@ def _fresh(code: str, *args: str) -> str:
 
 def test_library_calls_leave_the_allocator_alone(tmp_path: Path, ct: Path, weights: Path) -> None:
     code = (
-        "import sys, kitsseg, kitsseg.allocator as a\n"
+        "import sys, kitsseg, kitsseg.nets.allocator as a\n"
         "kitsseg.segment(sys.argv[1], sys.argv[2], weights=sys.argv[3], device='cpu', threads=1)\n"
         "print(a._applied)\n"
     )
@@ -154,7 +155,7 @@ def test_library_calls_leave_the_allocator_alone(tmp_path: Path, ct: Path, weigh
 
 def test_tune_process_is_the_opt_in() -> None:
     code = (
-        "import torch, kitsseg, kitsseg.allocator as a\n"
+        "import torch, kitsseg, kitsseg.nets.allocator as a\n"
         "n = kitsseg.tune_process(threads=1)\n"
         "print(n, torch.get_num_threads(), a._applied)\n"
     )

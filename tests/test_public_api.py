@@ -1,8 +1,9 @@
 """The library API is importable from ``kitsseg`` as functions and classes, whatever was imported first.
 
-``segment``, ``evaluate`` and ``train`` are also module names, and Python's import system binds a freshly
-imported submodule to the package attribute of the same name. Each order is checked in a fresh
-interpreter, because the binding happens only on a module's first import.
+``segment``, ``evaluate`` and ``train`` are public functions; the modules that define them live in
+subpackages (``kitsseg.inference.segment``, ``kitsseg.evaluation.evaluate``, ``kitsseg.training.train``),
+so importing a module never binds a module over a public name. Each order is checked in a fresh
+interpreter, because the import system binds submodules only on their first import.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import pytest
 
 import kitsseg
 
-#: Names that are also modules of the package: the ones the import system would overwrite.
+#: Public functions whose names were once modules of the package (and are module names in subpackages).
 SHADOWED = ("segment", "evaluate", "train")
+#: The modules that define them, and the other subpackage modules behind the public names.
+DEFINING = (
+    "kitsseg.inference.segment",
+    "kitsseg.inference.batch",
+    "kitsseg.evaluation.evaluate",
+    "kitsseg.training.train",
+    "kitsseg.postprocess.pipeline",
+    "kitsseg.nets.device",
+)
 
 _REPORT = """
 import json, sys, types
@@ -45,7 +55,7 @@ def _public_kinds(kinds: object) -> None:
 
 
 def test_functions_after_importing_the_submodules_first() -> None:
-    prelude = "import kitsseg.segment, kitsseg.evaluate, kitsseg.train, kitsseg.postprocess, kitsseg.device\n"
+    prelude = f"import {', '.join(DEFINING)}\n"
     kinds, _ = _fresh(prelude + _REPORT)
     _public_kinds(kinds)
 
@@ -53,9 +63,9 @@ def test_functions_after_importing_the_submodules_first() -> None:
 def test_importing_the_submodules_later_does_not_rebind_the_names() -> None:
     code = (
         "from kitsseg import segment, evaluate, train\n"
-        "import kitsseg.segment, kitsseg.evaluate, kitsseg.train\n"
+        f"import {', '.join(DEFINING)}\n"
         "import importlib\n"
-        "importlib.import_module('kitsseg.segment')\n"
+        "importlib.import_module('kitsseg.inference.segment')\n"
         "from kitsseg import segment as again\n"
         "assert again is segment is kitsseg.segment, (again, segment)\n"
     ) + _REPORT
@@ -70,19 +80,22 @@ def test_import_kitsseg_stays_light() -> None:
 
 
 def test_exports_in_this_process_are_the_defining_objects() -> None:
-    from kitsseg.postprocess import PostprocessOptions
-    from kitsseg.segment import SegmentationResult, segment_folder
+    from kitsseg.inference.batch import segment_folder
+    from kitsseg.inference.segment import SegmentationResult
+    from kitsseg.postprocess.pipeline import PostprocessOptions
 
-    seg = importlib.import_module("kitsseg.segment")
+    seg = importlib.import_module("kitsseg.inference.segment")
     assert isinstance(seg, types.ModuleType)
     assert kitsseg.segment is seg.segment
     assert kitsseg.segment_folder is segment_folder
     assert kitsseg.SegmentationResult is SegmentationResult
     assert kitsseg.PostprocessOptions is PostprocessOptions
-    assert kitsseg.evaluate is importlib.import_module("kitsseg.evaluate").evaluate
-    assert kitsseg.train is importlib.import_module("kitsseg.train").train
+    assert kitsseg.evaluate is importlib.import_module("kitsseg.evaluation.evaluate").evaluate
+    assert kitsseg.train is importlib.import_module("kitsseg.training.train").train
     assert callable(kitsseg.tune_process)
     assert issubclass(kitsseg.KitssegError, Exception)
+    for name, module in kitsseg._EXPORTS.items():  # the table names the defining module, not a re-export
+        assert getattr(kitsseg, name).__module__ == f"kitsseg.{module}", name
 
 
 def test_all_dir_and_unknown_names() -> None:
@@ -90,6 +103,6 @@ def test_all_dir_and_unknown_names() -> None:
     assert set(kitsseg.__all__) <= set(dir(kitsseg))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         kitsseg.nope  # noqa: B018
-    # Other submodules are bound as usual.
-    volume = importlib.import_module("kitsseg.volume")
-    assert kitsseg.volume is volume
+    # Subpackages are bound as usual.
+    io = importlib.import_module("kitsseg.io")
+    assert kitsseg.io is io

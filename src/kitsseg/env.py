@@ -10,12 +10,13 @@ variable                  default    effect
 ``KITSSEG_HOME``          (unset)    weights cache folder; default: the platform's user cache (platformdirs)
 ``KITSSEG_OFFLINE``       (unset)    ``1``, ``true``, ``yes`` or ``on``: no network access (cached weights)
 ``KITSSEG_REGISTRY``      (unset)    a weights registry JSON to use instead of the one inside the package
-``KITSSEG_MALLOPT``       ``1``      ``0``: :func:`kitsseg.allocator.tune_cpu_allocator` leaves glibc alone
+``KITSSEG_MALLOPT``       ``1``      ``0``: :func:`kitsseg.nets.allocator.tune_cpu_allocator` leaves glibc
+alone
 ``KITSSEG_FUSED_CONV``    ``1``      ``0``: CPU inference runs the plain module, not oneDNN's fused kernels
 ========================  =========  =======================================================================
 
 ``OMP_NUM_THREADS`` and Slurm's ``SLURM_ARRAY_TASK_*`` are other programs' variables and are read where they
-are used (:mod:`kitsseg.device`, :mod:`kitsseg.segment`).
+are used (:mod:`kitsseg.nets.device`, :mod:`kitsseg.inference.segment`).
 """
 
 from __future__ import annotations

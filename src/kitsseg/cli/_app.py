@@ -31,7 +31,7 @@ from typing import Annotated, Any, NoReturn, TextIO
 import typer
 from rich.console import Console
 
-from .. import __version__
+from .._version import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, KitssegError
 
 app = typer.Typer(

@@ -1,9 +1,9 @@
 """`kitsseg evaluate PRED GT`: score label predictions against ground truth and show the tables.
 
-Parses options, calls :func:`kitsseg.evaluate.evaluate`, renders a per-case table, a summary and a tumor
-detection table (lesion-wise counts, :mod:`kitsseg.lesions`) with rich.
-Exit 0 when every matched case was evaluated, 12 (``EXIT_BATCH_FAILED``) when any case failed; the outputs
-are written either way.
+Parses options, calls :func:`kitsseg.evaluation.evaluate.evaluate`, renders a per-case table, a summary and a
+tumor detection table (lesion-wise counts, :mod:`kitsseg.evaluation.lesions`) with rich. Exit 0 when every
+matched case was evaluated, 12 (``EXIT_BATCH_FAILED``) when any case failed; the outputs are written either
+way.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..errors import EXIT_BATCH_FAILED
 from ._app import app, console, count_progress, fail, one_line
 
 if TYPE_CHECKING:
-    from ..evaluate import EvaluationResult
+    from ..evaluation.evaluate import EvaluationResult
 
 #: Per-case columns shown on the terminal (the CSV has them all): (key, header, decimals).
 _CASE_COLUMNS = (
@@ -162,8 +162,8 @@ def evaluate_command(
 ) -> None:
     """Score predictions against ground truth: Dice, volumes, HD95, surface Dice, tumors found by size."""
 
-    from ..evaluate import evaluate
-    from ..metrics import EMPTY_MASK_RULE
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.metrics import EMPTY_MASK_RULE
 
     with count_progress("evaluating") as bar:
         task = bar.add_task("", total=None)

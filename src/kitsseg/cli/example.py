@@ -11,6 +11,6 @@ from ._app import app
 @app.command("example")
 def example_cmd() -> None:
     """Print the path of the example CT that ships with kitsseg (real CT, Apache-2.0)."""
-    from ..example import example_ct_path
+    from ..inference.example import example_ct_path
 
     print(example_ct_path())

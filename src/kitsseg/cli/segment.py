@@ -1,9 +1,9 @@
 """`kitsseg segment INPUT -o OUTPUT`: segment one CT (NIfTI file or DICOM series folder) or a folder of cases.
 
-Parses options, calls :func:`kitsseg.segment.segment` or :func:`kitsseg.segment.segment_folder`, and
-renders progress and tables with rich. A file gives a file (plus its JSON report); a folder gives a folder
-of ``<case>.nii.gz`` and ``<case>.json``. Exit 0 on success; in folder mode 12 (``EXIT_BATCH_FAILED``) when
-any case failed, after every other case was written.
+Parses options, calls :func:`kitsseg.inference.segment.segment` or
+:func:`kitsseg.inference.batch.segment_folder`, and renders progress and tables with rich. A file gives a file
+(plus its JSON report); a folder gives a folder of ``<case>.nii.gz`` and ``<case>.json``. Exit 0 on success;
+in folder mode 12 (``EXIT_BATCH_FAILED``) when any case failed, after every other case was written.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def segment_command(
     ] = None,
 ) -> None:
     """Segment kidneys (label 1) and kidney tumors (label 2) in a CT, or in every CT of a folder."""
-    from ..postprocess import PostprocessOptions
+    from ..postprocess.pipeline import PostprocessOptions
 
     bounds = _parse_bounds(eig_bounds)
     if no_postprocess:
@@ -213,7 +213,7 @@ def segment_command(
             min_overlap=min_overlap,
         )
     common = dict(batch_size=batch_size, postprocess=options, eig_bounds=bounds, bf16=bf16)
-    from ..dicom_io import holds_dicom_series
+    from ..io.dicom import holds_dicom_series
 
     with _warnings_as_lines():
         warn_if_oversubscribed(threads)
@@ -257,8 +257,8 @@ def _tune_process(device: str, threads: int | None) -> None:
     Only the command does this: the library never changes the process (see :func:`kitsseg.tune_process`).
     A device that cannot be used is left for ``load_model`` to report, in its usual place.
     """
-    from ..device import select_device, tune_process
     from ..errors import DeviceError
+    from ..nets.device import select_device, tune_process
 
     try:
         on_cpu = select_device(device).type == "cpu"
@@ -283,16 +283,10 @@ def _segment_file(
     from rich.markup import escape
 
     from ..errors import InputNotFoundError
-    from ..report import report_table
-    from ..segment import (
-        check_outputs,
-        is_finished,
-        load_model,
-        output_for,
-        remove_empty_folders,
-        report_path_for,
-        segment,
-    )
+    from ..inference.batch import is_finished
+    from ..inference.outputs import check_outputs, remove_empty_folders, report_path_for
+    from ..inference.segment import load_model, output_for, segment
+    from ..reporting.report import report_table
 
     output = output_for(input_path, output)  # an existing folder (-o . or -o "") gets <case>.nii.gz
     report_path = report if report is not None else report_path_for(output)
@@ -355,8 +349,8 @@ def _segment_folder(
     common: dict[str, Any],
 ) -> None:
 
-    from ..report import batch_table
-    from ..segment import CaseOutcome, segment_folder
+    from ..inference.batch import CaseOutcome, segment_folder
+    from ..reporting.report import batch_table
 
     if output_dir.exists() and not output_dir.is_dir():
         from ..errors import OutputError

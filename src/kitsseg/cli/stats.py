@@ -1,8 +1,8 @@
 """`kitsseg stats DIR`: derive the tumor shape bounds (eigenvalue-ratio percentiles) from a labelled dataset.
 
-Parses options, calls :func:`kitsseg.shapestats.shape_stats`, shows the percentiles in a rich table and
-optionally writes the JSON. The 5th-95th percentile range is what ``eig_bounds`` of the tumor filter should
-be, in the unit shown.
+Parses options, calls :func:`kitsseg.postprocess.shapestats.shape_stats`, shows the percentiles in a rich
+table and optionally writes the JSON. The 5th-95th percentile range is what ``eig_bounds`` of the tumor filter
+should be, in the unit shown.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.table import Table
 from ._app import app, console, count_progress, one_line
 
 if TYPE_CHECKING:
-    from ..shapestats import ShapeStats
+    from ..postprocess.shapestats import ShapeStats
 
 
 class UnitChoice(str, enum.Enum):
@@ -74,7 +74,7 @@ def stats_command(
 ) -> None:
     """Eigenvalue-ratio statistics of the tumors in a labelled dataset (the tumor shape model)."""
 
-    from ..shapestats import CaseShapes, find_label_files, shape_stats, write_json
+    from ..postprocess.shapestats import CaseShapes, find_label_files, shape_stats, write_json
 
     label_files = find_label_files(folder)
     if output is not None:
@@ -116,7 +116,7 @@ def _check_output(output: Path, label_files: list[Path]) -> None:
     """Refuse ``-o`` before any file is read: a folder (``-o .``), a missing folder, or one of the label
     files being read (also through a symlink or hard link)."""
     from ..errors import OutputError
-    from ..guard import refuse_outputs_on_inputs
+    from ..io.guard import refuse_outputs_on_inputs
 
     if output.is_dir():
         raise OutputError(

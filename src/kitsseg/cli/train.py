@@ -1,8 +1,8 @@
 """`kitsseg train DATA_DIR -o RUN_DIR`: train the kidney and tumor U-Nets on a KiTS19-layout folder.
 
-Parses options into a :class:`kitsseg.train.TrainConfig`, calls :func:`kitsseg.train.train` and renders its
-progress events with rich. Under torchrun (``torchrun --nproc_per_node=N -m kitsseg train ...``) only rank 0
-prints.
+Parses options into a :class:`kitsseg.training.config.TrainConfig`, calls :func:`kitsseg.training.train.train`
+and renders its progress events with rich. Under torchrun (``torchrun --nproc_per_node=N -m kitsseg train
+...``) only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..errors import InvalidOptionError
 from ._app import app, console, one_line, warn_if_oversubscribed
 
 if TYPE_CHECKING:
-    from ..train import TrainResult
+    from ..training.train import TrainResult
 
 _ARCH_DEFAULTS = {"base_width": 16, "depth": 4, "norm": "batch", "upsample": "transpose"}
 
@@ -176,9 +176,10 @@ def train_command(
         return
     if data_dir is None:
         raise InvalidOptionError("give DATA_DIR (a KiTS19-layout folder) or --config RECIPE.json")
-    from ..distributed import is_main_process
-    from ..model import UNetConfig
-    from ..train import TrainConfig, train
+    from ..nets.model import UNetConfig
+    from ..training.config import TrainConfig
+    from ..training.distributed import is_main_process
+    from ..training.train import train
 
     window = _parse_window(hu_window)
     warn_if_oversubscribed(threads)
@@ -231,11 +232,11 @@ def _check_run_folder(
     The run folder receives weights.pt, checkpoints, split.json, config.json and (by default) the slice
     cache, so it must be neither DATA_DIR itself nor inside one of its case folders, and the
     ``--kidney-weights`` file must not lie in it (the run rewrites its files). Symlinks and hard links
-    count (:mod:`kitsseg.guard`). Checked before any file is read.
+    count (:mod:`kitsseg.io.guard`). Checked before any file is read.
     """
-    from ..data import IMAGE_NAMES, LABEL_NAMES
     from ..errors import OutputError
-    from ..guard import refuse_outputs_on_inputs, same_file
+    from ..io.guard import refuse_outputs_on_inputs, same_file
+    from ..names import IMAGE_NAMES, LABEL_NAMES
 
     def inside(folder: Path, parent: Path) -> Path | None:
         """The first component of ``folder`` under ``parent`` (``parent`` itself if equal), else None."""

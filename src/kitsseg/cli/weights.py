@@ -48,8 +48,8 @@ def _size(n: int | None) -> str:
 @weights_app.command("list")
 def list_cmd(cache_dir: CacheDir = None) -> None:
     """Show registered and imported weights: version, size, licence, and whether they are on disk."""
-    from ..cache import cache_root
-    from ..weights import list_weights
+    from ..weights.cache import cache_root
+    from ..weights.manage import list_weights
 
     rows = list_weights(cache_dir)
     table = Table(title=f"Weights (cache: {one_line(cache_root(cache_dir))})", title_justify="left")
@@ -87,8 +87,8 @@ def pull_cmd(
     retries: Annotated[int, typer.Option("--retries", min=0, help="Retries after a failed attempt.")] = 3,
 ) -> None:
     """Download weights into the cache (resuming an unfinished download) and verify their sha256."""
-    from ..download import DownloadPolicy
-    from ..weights import pull_weights, weights_sha256
+    from ..weights.download import DownloadPolicy
+    from ..weights.resolve import pull_weights, weights_sha256
 
     path = pull_weights(
         name_or_url,
@@ -114,7 +114,7 @@ def import_cmd(
     cache_dir: CacheDir = None,
 ) -> None:
     """Copy a weights file into the cache (machines without network), verified, so names resolve to it."""
-    from ..weights import import_weights
+    from ..weights.manage import import_weights
 
     path = import_weights(file, name, cache_dir=cache_dir)
     console.print(f"[green]imported[/] {one_line(f'{file} -> {path}')}", highlight=False, soft_wrap=True)
@@ -126,7 +126,7 @@ def path_cmd(
     cache_dir: CacheDir = None,
 ) -> None:
     """Print the local file of verified weights (nothing is downloaded)."""
-    from ..weights import cached_weights_path
+    from ..weights.resolve import cached_weights_path
 
     typer.echo(str(cached_weights_path(name, cache_dir=cache_dir)))
 
@@ -134,7 +134,7 @@ def path_cmd(
 @weights_app.command("verify")
 def verify_cmd(cache_dir: CacheDir = None) -> None:
     """Re-hash shipped and cached weights and report; nothing is deleted (loading refuses bad files)."""
-    from ..weights import verify_cache
+    from ..weights.manage import verify_cache
 
     results = verify_cache(cache_dir)
     table = Table(title="Weights verification", title_justify="left")

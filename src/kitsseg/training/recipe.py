@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..augment import AugmentConfig
 from ..errors import InvalidOptionError
-from ..preprocess import MODEL_SPACING_MM
+from ..inference.preprocess import MODEL_SPACING_MM
+from .augment import AugmentConfig
 from .phases import PhaseConfig
 from .slicesets import SliceSource
 
@@ -41,7 +41,7 @@ class StageRecipe:
     pelvic_fraction: float = 0.0  # of the negatives, drawn from the config's pelvic_negatives
     band_jitter: int = 12  # tumor stage: +- rows of band placement jitter
     paste: float = 0.0  # tumor stage: copy-paste probability per tumor-free kidney slice
-    synth: Mapping[str, Any] | None = None  # tumor synthesis options (kitsseg.synthtumor.SynthTumorConfig)
+    synth: Mapping[str, Any] | None = None  # tumor synthesis options (training.synthtumor.SynthTumorConfig)
     phases: PhaseConfig = field(default_factory=PhaseConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale=(0.75, 1.33)))
     bf16: bool = True

@@ -7,8 +7,8 @@ slice sets are exported with different display windows: KiTS19 and CURVAS slices
 (scale 1, offset 0); the KiTS23 renders were drawn with a display window of about [-110, 330] HU (fat mode at
 grey 5, soft tissue near grey 84), so HU = grey * 440 / 255 - 110.
 
-Every slice goes through :meth:`kitsseg.preprocess.SliceGrid.to_model`, the function inference uses, at
-its own pixel spacing; a set without spacing takes ``default_spacing_mm`` from its config entry (say so in
+Every slice goes through :meth:`kitsseg.inference.preprocess.SliceGrid.to_model`, the function inference uses,
+at its own pixel spacing; a set without spacing takes ``default_spacing_mm`` from its config entry (say so in
 the model card). Labels are resampled as float masks and thresholded at 0.5.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import DatasetError
-from ..preprocess import SliceGrid, window
+from ..inference.preprocess import SliceGrid, window
 
 
 @dataclass(frozen=True)

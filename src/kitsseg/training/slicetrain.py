@@ -7,8 +7,8 @@ probability threshold that was best on the validation slices; ``log.jsonl`` has 
 Validation is on whole patients held out by :func:`.slicesets.split_groups`, on the model grid, without
 augmentation; the tumor stage is validated on the band placed around the ground-truth kidney.
 
-Loss 0.5 x BCE + 0.5 x soft Dice (:func:`kitsseg.losses.bce_dice_loss`), Adam, LR halved on a validation-
-loss plateau, bf16 autocast on CPUs: the recipe of :mod:`kitsseg.train`.
+Loss 0.5 x BCE + 0.5 x soft Dice (:func:`kitsseg.training.losses.bce_dice_loss`), Adam, LR halved on a
+validation- loss plateau, bf16 autocast on CPUs: the recipe of :mod:`kitsseg.training.train`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
-from ..augment import augment_batch
-from ..checkpoint import StageModel, load_bundle, save_bundle
-from ..losses import bce_dice_loss
-from ..model import UNet, UNetConfig
-from ..preprocess import band_height, band_start
+from .._version import __version__
+from ..inference.preprocess import band_height, band_start
+from ..nets.model import UNet, UNetConfig
+from ..weights.checkpoint import StageModel, load_bundle, save_bundle
+from .augment import augment_batch
 from .copypaste import paste_tumors
+from .losses import bce_dice_loss
 from .phases import render_phases
 from .recipe import STAGES, Recipe, StageRecipe
 from .slicesets import GridSlices, concat, load_source, split_groups
@@ -59,7 +59,8 @@ def band_rows(
     kidney_rows: torch.Tensor, grid_h: int, fraction: float, jitter: int, gen: torch.Generator
 ) -> int:
     """First row of the tumor band around the kidney rows (a bool vector), with +-``jitter`` rows, clamped:
-    the rule of :func:`kitsseg.preprocess.band_start` that inference applies to the kidney model's rows."""
+    the rule of :func:`kitsseg.inference.preprocess.band_start` that inference applies to the kidney model's
+    rows."""
     rows = torch.nonzero(kidney_rows).flatten()
     if len(rows):
         first = band_start(int(rows.min()), int(rows.max()), grid_h, fraction)
@@ -87,7 +88,7 @@ def make_batch(
         if sr.paste > 0 and donors is not None:
             x, tu, kt = paste_tumors(x, tu, kt, data.image[donors], data.tumor[donors], gen, sr.paste)
         if sr.synth:
-            from ..synthtumor import SynthTumorConfig, synthesize_tumors
+            from .synthtumor import SynthTumorConfig, synthesize_tumors
 
             x, kt, tu = synthesize_tumors(
                 x, kt, tu, recipe.pixel_spacing_mm, gen, SynthTumorConfig(**sr.synth)
@@ -165,7 +166,7 @@ def validate(
 def _initial_model(sr: StageRecipe, stage: str) -> UNet:
     config = UNetConfig(base_width=sr.width, depth=4, norm="batch", upsample="transpose")
     if sr.init_from:
-        from ..weights import PACKAGE_ASSETS
+        from ..weights.registry import PACKAGE_ASSETS
 
         path = PACKAGE_ASSETS / "kitsseg-starter.pt" if sr.init_from == "package" else Path(sr.init_from)
         bundle = load_bundle(path)
