@@ -50,10 +50,11 @@ def test_example_finds_a_kidney_on_each_side_at_one_level(example_run: tuple[Pat
     assert right_z[0] <= left_z[-1]  # both kidneys share slices
     assert left_z[0] <= right_z[-1]
     # Two kidneys, not one midline blob split by the volume report (the bladder, before the pair rule).
+    # A kidney may be kept as several pieces along z (slice-gap bridging), but none crosses the midline.
     from scipy import ndimage
 
     components, n = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), dtype=bool))
-    assert n == 2
+    assert n >= 2
     for box in ndimage.find_objects(components):
         assert box[2].stop <= n_cols // 2 or box[2].start >= n_cols // 2
     assert report["weights"]["name"] == "kitsseg-starter"

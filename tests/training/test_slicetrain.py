@@ -117,3 +117,61 @@ def test_cli_train_with_a_config_writes_weights(tmp_path: Path) -> None:
     bundle = load_bundle(tmp_path / "run" / "weights.pt")
     assert bundle.tumor is None
     assert bundle.metadata["pixel_spacing_mm"] == 3.0
+
+
+def test_a_second_phase_restarts_the_lr_and_the_selection(tmp_path: Path) -> None:
+    """``then``: after the first phase's epochs, the options change, the LR restarts at ``then.lr``, and
+    the exported epoch is chosen within the second phase; resuming mid-phase keeps the phase."""
+    torch.set_num_threads(1)
+    path = write_recipe(tmp_path, epochs=1)
+    raw = json.loads(path.read_text())
+    raw["stages"]["kidney"]["then"] = {"epochs": 2, "lr": 0.0005, "kidney_paste": 1.0}
+    path.write_text(json.dumps(raw))
+    recipe = load_recipe(path)
+    assert recipe.stages["kidney"].total_epochs == 3
+    assert recipe.stages["kidney"].at_epoch(0).kidney_paste == 0.0
+    assert recipe.stages["kidney"].at_epoch(1).kidney_paste == 1.0
+    out = tmp_path / "run"
+    messages: list[str] = []
+    train_from_config(recipe, out, stages=("kidney",), log=messages.append)
+    log = [json.loads(line) for line in (out / "kidney" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert log[0]["lr"] == 0.003
+    assert log[1]["lr"] == 0.0005
+    assert any("second phase from epoch 2" in m for m in messages)
+    best = torch.load(out / "kidney" / "best.pt", weights_only=True)
+    assert best["epoch"] >= 2  # chosen within the second phase
+
+
+def test_kidney_paste_puts_a_real_kidney_beside_the_spine_of_a_kidney_free_slice() -> None:
+    from kitsseg.training.copypaste import paste_kidneys
+
+    size = 96
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - 48) ** 2 + (xx - 48) ** 2 <= 44**2).astype(np.float32) * (50 / 255)  # soft tissue
+    donor = body.copy()
+    kidney = ((yy - 60) ** 2 + (xx - 25) ** 2 <= 7**2).astype(np.float32)
+    donor[kidney > 0] = 200 / 255
+    images = torch.from_numpy(np.stack([body, donor]))[:, None]
+    kidneys = torch.from_numpy(np.stack([np.zeros_like(kidney), kidney]))[:, None]
+    x, k = paste_kidneys(
+        images[:1],
+        kidneys[:1],
+        images,
+        kidneys,
+        torch.Generator().manual_seed(0),
+        1.0,
+        torch.tensor([1]),
+        spacing_mm=1.5,
+    )
+    assert torch.equal(images[0], body_t := torch.from_numpy(body)[None])  # inputs untouched
+    pasted = k[0, 0] > 0
+    assert 0.8 * kidney.sum() <= pasted.sum() <= 1.2 * kidney.sum()
+    rows, cols = np.nonzero(pasted.numpy())
+    assert rows.mean() > 48  # behind the body's centre
+    assert 35 <= abs(cols.mean() - 48) * 1.5 <= 110 + 7 * 1.5  # beside the midline, where kidneys lie
+    assert float(x[0, 0][pasted].mean()) > 150 / 255  # the kidney's own pixels
+    assert torch.equal(
+        x[0, 0][~(torch.nn.functional.max_pool2d(pasted[None].float(), 3, 1, 1)[0] > 0)],
+        body_t[0][~(torch.nn.functional.max_pool2d(pasted[None].float(), 3, 1, 1)[0] > 0)],
+    )

@@ -41,10 +41,23 @@ class StageRecipe:
     pelvic_fraction: float = 0.0  # of the negatives, drawn from the config's pelvic_negatives
     band_jitter: int = 12  # tumor stage: +- rows of band placement jitter
     paste: float = 0.0  # tumor stage: copy-paste probability per tumor-free kidney slice
+    kidney_paste: float = 0.0  # kidney stage: probability of pasting a real kidney into a kidney-free slice
     synth: Mapping[str, Any] | None = None  # tumor synthesis options (training.synthtumor.SynthTumorConfig)
     phases: PhaseConfig = field(default_factory=PhaseConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale=(0.75, 1.33)))
     bf16: bool = True
+    #: A second phase: after ``epochs``, ``then.epochs`` more with these options changed (the LR schedule
+    #: restarts at ``then.lr`` and the exported epoch is chosen within this phase), e.g. a new augmentation
+    #: on top of a converged model.
+    then: StageRecipe | None = None
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + (self.then.epochs if self.then is not None else 0)
+
+    def at_epoch(self, epoch: int) -> StageRecipe:
+        """The options in force for 0-based ``epoch``."""
+        return self if self.then is None or epoch < self.epochs else self.then
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StageRecipe:
@@ -53,6 +66,12 @@ class StageRecipe:
         if unknown:
             raise InvalidOptionError(f"unknown stage option(s) in the training config: {sorted(unknown)}")
         kw: dict[str, Any] = dict(d)
+        if kw.get("then") is not None:
+            second = {k: v for k, v in d.items() if k != "then"}
+            second.update(kw["then"])
+            if "then" in kw["then"]:
+                raise InvalidOptionError("a stage's 'then' phase cannot have its own 'then'")
+            kw["then"] = cls.from_dict(second)
         if "phases" in kw:
             kw["phases"] = PhaseConfig(**kw["phases"])
         if "augment" in kw:

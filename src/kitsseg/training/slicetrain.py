@@ -29,7 +29,7 @@ from ..inference.preprocess import band_height, band_start
 from ..nets.model import UNet, UNetConfig
 from ..weights.checkpoint import StageModel, load_bundle, save_bundle
 from .augment import augment_batch
-from .copypaste import paste_tumors
+from .copypaste import paste_kidneys, paste_tumors
 from .losses import bce_dice_loss
 from .phases import render_phases
 from .recipe import STAGES, Recipe, StageRecipe
@@ -84,9 +84,13 @@ def make_batch(
     x = data.image[idx].float()
     kt = data.kidney[idx].float()
     tu = data.tumor[idx].float()
+    if train and stage == "kidney" and sr.kidney_paste > 0 and donors is not None:
+        x, kt = paste_kidneys(
+            x, kt, data.image, data.kidney, gen, sr.kidney_paste, donors, recipe.pixel_spacing_mm
+        )
     if train and stage == "tumor":
         if sr.paste > 0 and donors is not None:
-            x, tu, kt = paste_tumors(x, tu, kt, data.image[donors], data.tumor[donors], gen, sr.paste)
+            x, tu, kt = paste_tumors(x, tu, kt, data.image, data.tumor, gen, sr.paste, donors)
         if sr.synth:
             from .synthtumor import SynthTumorConfig, synthesize_tumors
 
@@ -201,17 +205,18 @@ def train_stage(
     pelvic = torch.tensor([(str(a), str(b)) in pelvic_set for a, b in zip(s.source, s.group, strict=True)])
     tr_pelvic = torch.nonzero(pelvic & neg & ~val).flatten()
     va = torch.nonzero((pos | neg) & val).flatten()
-    donors = torch.nonzero(has_tu & ~val).flatten()
+    donors = torch.nonzero((has_tu if stage == "tumor" else has_kt) & ~val).flatten()
 
     torch.manual_seed(recipe.seed)
     model = _initial_model(sr, stage).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    last = folder / "last.pt"
+    ck = torch.load(last, weights_only=True) if last.exists() else None
+    start = sr.at_epoch(int(ck["epoch"]) if ck is not None else 0)
     opt = torch.optim.Adam(model.parameters(), lr=sr.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=sr.patience)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=start.patience)
     gen = torch.Generator().manual_seed(recipe.seed)
     epoch, best = 0, -1.0
-    last = folder / "last.pt"
-    if last.exists():
-        ck = torch.load(last, weights_only=True)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -220,11 +225,21 @@ def train_stage(
         epoch, best = int(ck["epoch"]), float(ck["best"])
         log(f"resumed {stage} at epoch {epoch}, best {best:.4f}")
     log(f"{stage}: train pos {len(tr_pos)} neg {len(tr_neg)} (pelvic {len(tr_pelvic)}), val {len(va)}")
-    n_neg = int(round(sr.batch * sr.neg_fraction))
-    k = sr.batch - n_neg
-    steps = max(1, len(tr_pos) // max(k, 1))
     deadline = time.time() + sr.minutes * 60
-    while epoch < sr.epochs and time.time() < deadline:
+    base = sr
+    while epoch < base.total_epochs and time.time() < deadline:
+        sr = base.at_epoch(epoch)
+        if base.then is not None and epoch == base.epochs:  # the second phase starts now
+            for group in opt.param_groups:
+                group["lr"] = sr.lr
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=0.5, patience=sr.patience
+            )
+            best = -1.0
+            log(f"{stage}: second phase from epoch {epoch + 1}, LR {sr.lr}")
+        n_neg = int(round(sr.batch * sr.neg_fraction))
+        k = sr.batch - n_neg
+        steps = max(1, len(tr_pos) // max(k, 1))
         t0 = time.time()
         model.train()
         total = 0.0
