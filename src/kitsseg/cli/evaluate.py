@@ -8,6 +8,7 @@ way.
 
 from __future__ import annotations
 
+import enum
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -39,6 +40,13 @@ _CASE_COLUMNS = (
     ("tumors_false_positive", "FP", 0),
 )
 _MAX_LISTED = 10
+
+
+class GtLabelsChoice(str, enum.Enum):
+    """How ground-truth label values are read (:mod:`kitsseg.evaluation.labelsets`)."""
+
+    kits19 = "kits19"
+    kits23 = "kits23"
 
 
 def _fmt(value: Any, decimals: int) -> str:
@@ -159,6 +167,14 @@ def evaluate_command(
             "tumor to count as found.",
         ),
     ] = 0.1,
+    gt_labels: Annotated[
+        GtLabelsChoice,
+        typer.Option(
+            "--gt-labels",
+            help="Ground-truth labels: kits19 (0 background, 1 kidney, 2 tumor) or kits23 (KiTS21/23: also "
+            "3 cyst, counted as kidney; adds the KiTS23 regions kidney+masses, masses, tumor).",
+        ),
+    ] = GtLabelsChoice.kits19,
 ) -> None:
     """Score predictions against ground truth: Dice, volumes, HD95, surface Dice, tumors found by size."""
 
@@ -178,6 +194,7 @@ def evaluate_command(
             workers=workers,
             tolerance_mm=tolerance_mm,
             lesion_overlap=lesion_overlap,
+            gt_labels=gt_labels.value,
             progress=advance,
         )
 
@@ -191,6 +208,13 @@ def evaluate_command(
         highlight=False,
     )
     console.print(f"[dim]Empty masks: {EMPTY_MASK_RULE} '-' marks an undefined value.[/]", highlight=False)
+    if result.gt_labels == "kits23":
+        console.print(
+            "[dim]Ground truth read as KiTS21/23 labels: cyst (3) counted as kidney above; dice_kits23_* "
+            "score the KiTS23 regions (kidney+masses, masses = tumor+cyst, tumor) against the prediction's "
+            "kidney+tumor, tumor, tumor.[/]",
+            highlight=False,
+        )
     _list_paths("Predictions without ground truth", result.unmatched_pred)
     _list_paths("Ground truth without prediction", result.unmatched_gt)
     for row in result.errors:

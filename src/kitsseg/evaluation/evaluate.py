@@ -9,6 +9,10 @@ internal frame whatever its stored axis order, so a prediction saved in RAS ``(x
 with KiTS19-layout ground truth. If the two really lie on different voxel grids the case becomes an error
 row (nothing is resampled) and the other cases go on; an unreadable file does the same.
 
+Label values other than 0, 1, 2 make a case an error row naming them; KiTS21/23 ground truth (3 = cyst) is
+read with ``gt_labels="kits23"``, which counts cysts as kidney and adds the KiTS23 regions
+(:mod:`kitsseg.evaluation.labelsets`).
+
 Besides the voxel metrics, each case's tumors are matched as objects (:mod:`kitsseg.evaluation.lesions`): how
 many ground-truth tumors there are, how many the prediction found, how many predicted tumors are false
 positives; ``summary.json`` pools them into a lesion sensitivity and false positives per case, overall and per
@@ -35,6 +39,15 @@ from typing import Any
 from .._version import __version__
 from ..errors import DatasetError, GridMismatchError, InputNotFoundError, KitssegError, OutputError
 from ..io.atomic import atomic_output
+from .labelsets import (
+    KITS23_DEFINITIONS,
+    KITS23_METRIC_NAMES,
+    GtLabels,
+    as_kits19,
+    check_gt_labels,
+    check_values,
+    kits23_dice,
+)
 from .lesions import DEFAULT_MIN_OVERLAP, LesionMatch, check_min_overlap, match_lesions, summarize_lesions
 from .metrics import (
     DEFAULT_TOLERANCE_MM,
@@ -48,10 +61,9 @@ from .metrics import (
 #: Lesion-detection columns (counts of tumors as objects, see :mod:`kitsseg.evaluation.lesions`).
 LESION_COLUMNS: tuple[str, ...] = ("tumors_gt", "tumors_found", "tumors_false_positive")
 
-#: Columns of ``per_case.csv``, in order. Every row has these keys, and also ``lesions``: the case's
-#: :class:`~kitsseg.evaluation.lesions.LesionMatch` (each tumor's size and coverage; ``None`` in error rows),
-#: which is
-#: not a CSV column.
+#: Columns of ``per_case.csv`` (KiTS19 ground truth, the default), in order. Every row has these keys, and
+#: also ``lesions``: the case's :class:`~kitsseg.evaluation.lesions.LesionMatch` (each tumor's size and
+#: coverage; ``None`` in error rows), which is not a CSV column.
 COLUMNS: tuple[str, ...] = (
     "case",
     "status",
@@ -61,6 +73,19 @@ COLUMNS: tuple[str, ...] = (
     "pred_file",
     "gt_file",
 )
+
+#: Columns of ``per_case.csv`` with ``gt_labels="kits23"``: the KiTS23 region Dice after the KiTS19 metrics.
+KITS23_COLUMNS: tuple[str, ...] = (
+    *COLUMNS[: 2 + len(METRIC_NAMES)],
+    *KITS23_METRIC_NAMES,
+    *COLUMNS[2 + len(METRIC_NAMES) :],
+)
+
+
+def columns(gt_labels: GtLabels = "kits19") -> tuple[str, ...]:
+    """The ``per_case.csv`` columns (and row keys) for one reading of the ground-truth labels."""
+    return KITS23_COLUMNS if gt_labels == "kits23" else COLUMNS
+
 
 CSV_NAME = "per_case.csv"
 SUMMARY_NAME = "summary.json"
@@ -90,6 +115,7 @@ class EvaluationResult:
     unmatched_gt: list[Path] = field(default_factory=list)
     csv_path: Path | None = None
     summary_path: Path | None = None
+    gt_labels: GtLabels = "kits19"
 
     @property
     def errors(self) -> list[dict[str, Any]]:
@@ -193,8 +219,8 @@ def match_cases(pred: Path, gt: Path) -> tuple[list[tuple[str, Path, Path]], lis
 # --------------------------------------------------------------------------------------------- one case
 
 
-def _empty_row(case: str, pred_file: Path, gt_file: Path) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(COLUMNS, math.nan)
+def _empty_row(case: str, pred_file: Path, gt_file: Path, gt_labels: GtLabels = "kits19") -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(columns(gt_labels), math.nan)
     row.update(case=case, status="ok", message="", pred_file=str(pred_file), gt_file=str(gt_file))
     row["lesions"] = None
     return row
@@ -206,8 +232,13 @@ def evaluate_case(
     gt_file: Path,
     tolerance_mm: float,
     lesion_overlap: float = DEFAULT_MIN_OVERLAP,
+    gt_labels: GtLabels = "kits19",
 ) -> dict[str, Any]:
     """Load one pair into the frame and score it; problems the user can fix become an error row.
+
+    Label values outside 0, 1, 2 (0..3 in ground truth read as ``kits23``) are such a problem: the row's
+    message names them (:func:`kitsseg.evaluation.labelsets.check_values`). With ``kits23`` the KiTS19
+    metrics and tumor counts use the ground truth with cysts as kidney, the KiTS23 Dice the original labels.
 
     Runs in worker processes, so it must stay a module-level function with picklable arguments (the
     row's :class:`~kitsseg.evaluation.lesions.LesionMatch` is a frozen dataclass of plain values, so it
@@ -216,10 +247,11 @@ def evaluate_case(
     from ..io.frame import same_grid
     from ..io.load import load_labels
 
-    row = _empty_row(case, pred_file, gt_file)
+    row = _empty_row(case, pred_file, gt_file, gt_labels)
     try:
         gt_vol = load_labels(gt_file)
         pred_vol = load_labels(pred_file)
+        check_values(pred_vol.data, gt_vol.data, pred_file, gt_file, gt_labels)
         if not same_grid(pred_vol, gt_vol):
             raise GridMismatchError(
                 f"prediction {pred_file.name} (shape {tuple(pred_vol.data.shape)}, spacing "
@@ -228,8 +260,11 @@ def evaluate_case(
                 "even after reorienting both to one frame; nothing is resampled: save the prediction on "
                 "the ground truth's grid"
             )
-        row.update(case_metrics(pred_vol.data, gt_vol.data, gt_vol.spacing, tolerance_mm=tolerance_mm))
-        match = match_lesions(pred_vol.data, gt_vol.data, gt_vol.spacing, min_overlap=lesion_overlap)
+        gt19 = as_kits19(gt_vol.data, gt_labels)
+        row.update(case_metrics(pred_vol.data, gt19, gt_vol.spacing, tolerance_mm=tolerance_mm))
+        if gt_labels == "kits23":
+            row.update(kits23_dice(pred_vol.data, gt_vol.data))
+        match = match_lesions(pred_vol.data, gt19, gt_vol.spacing, min_overlap=lesion_overlap)
         row.update(
             tumors_gt=match.n_gt,
             tumors_found=match.n_found,
@@ -237,7 +272,7 @@ def evaluate_case(
             lesions=match,
         )
     except (KitssegError, OSError, EOFError, MemoryError) as exc:
-        row = _empty_row(case, pred_file, gt_file)
+        row = _empty_row(case, pred_file, gt_file, gt_labels)
         row.update(status="error", message=f"{type(exc).__name__}: {exc}")
     return row
 
@@ -258,18 +293,25 @@ def build_summary(
     unmatched_gt: list[Path],
     tolerance_mm: float,
     lesion_overlap: float = DEFAULT_MIN_OVERLAP,
+    gt_labels: GtLabels = "kits19",
 ) -> dict[str, Any]:
     """The ``summary.json`` dict: statistics of every metric over the evaluated cases, and the rules.
+
+    ``gt_labels`` says how the ground truth was read; with ``kits23`` the KiTS23 region Dice are among the
+    metrics and their definitions among the definitions.
 
     ``lesions`` pools the tumor counts of the evaluated cases
     (:func:`kitsseg.evaluation.lesions.summarize_lesions`).
     """
     ok_rows = [r for r in rows if r["status"] == "ok"]
     matches: list[LesionMatch] = [r["lesions"] for r in ok_rows]
+    metric_names = METRIC_NAMES + (KITS23_METRIC_NAMES if gt_labels == "kits23" else ())
+    definitions = {**DEFINITIONS, **(KITS23_DEFINITIONS if gt_labels == "kits23" else {})}
     return {
         "kitsseg_version": __version__,
         "pred": str(pred),
         "gt": str(gt),
+        "gt_labels": gt_labels,
         "n_cases": len(rows),
         "n_evaluated": len(ok_rows),
         "n_errors": len(rows) - len(ok_rows),
@@ -281,8 +323,8 @@ def build_summary(
         "empty_mask_rule": EMPTY_MASK_RULE,
         "tolerance_mm": float(tolerance_mm),
         "surface_regions": list(SURFACE_REGIONS),
-        "definitions": DEFINITIONS,
-        "metrics": {name: summarize([r[name] for r in ok_rows]) for name in METRIC_NAMES},
+        "definitions": definitions,
+        "metrics": {name: summarize([r[name] for r in ok_rows]) for name in metric_names},
         "lesions": summarize_lesions(matches, min_overlap=lesion_overlap),
     }
 
@@ -298,13 +340,14 @@ def _csv_cell(row: dict[str, Any], key: str) -> Any:
     return value
 
 
-def rows_to_csv(rows: list[dict[str, Any]]) -> str:
-    """``per_case.csv`` text: a header of :data:`COLUMNS` and one line per matched case."""
+def rows_to_csv(rows: list[dict[str, Any]], gt_labels: GtLabels = "kits19") -> str:
+    """``per_case.csv`` text: a header of :func:`columns` and one line per matched case."""
+    cols = columns(gt_labels)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(cols)
     for row in rows:
-        writer.writerow([_csv_cell(row, k) for k in COLUMNS])
+        writer.writerow([_csv_cell(row, k) for k in cols])
     return buf.getvalue()
 
 
@@ -344,7 +387,7 @@ def write_outputs(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:
         raise OutputError(f"output {out_dir} exists and is not a folder; give a folder for -o")
     csv_path = out_dir / CSV_NAME
     summary_path = out_dir / SUMMARY_NAME
-    csv_text = rows_to_csv(result.rows)
+    csv_text = rows_to_csv(result.rows, result.gt_labels)
     summary_text = json.dumps(_json_safe(result.summary), indent=2, allow_nan=False) + "\n"
     created = [p for p in (*reversed(out_dir.parents), out_dir) if not p.exists()]
     try:
@@ -378,6 +421,7 @@ def evaluate(
     workers: int = 1,
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
     lesion_overlap: float = DEFAULT_MIN_OVERLAP,
+    gt_labels: GtLabels = "kits19",
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> EvaluationResult:
     """Score predictions against ground truth, case by case, and summarize.
@@ -396,6 +440,11 @@ def evaluate(
     lesion_overlap
         Fraction (0, 1] of a ground-truth tumor's voxels that predicted tumor voxels must cover for the
         tumor to count as found (:mod:`kitsseg.evaluation.lesions`; default 0.1).
+    gt_labels
+        How ground-truth labels are read. ``"kits19"`` (default): 0 background, 1 kidney, 2 tumor.
+        ``"kits23"``: KiTS21/23 labels, 3 (cyst) also allowed and counted as kidney for the KiTS19 metrics;
+        adds the KiTS23 region Dice (:data:`~kitsseg.evaluation.labelsets.KITS23_METRIC_NAMES`). Other
+        values, in either file, make the case an error row naming them.
     progress
         Called in this process with each finished row (in completion order), e.g. to advance a progress bar.
 
@@ -406,13 +455,15 @@ def evaluate(
     DatasetError
         No case names in common, or two files of one side share a case name.
     InvalidOptionError
-        ``lesion_overlap`` is not in (0, 1] (also a ``ValueError``).
+        ``lesion_overlap`` is not in (0, 1], or ``gt_labels`` is not ``"kits19"`` or ``"kits23"`` (also a
+        ``ValueError``).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm}")
     lesion_overlap = check_min_overlap(lesion_overlap)
+    gt_labels = check_gt_labels(gt_labels)
     pred_path, gt_path = Path(pred), Path(gt)
     pairs, unmatched_pred, unmatched_gt = match_cases(pred_path, gt_path)
     if out_dir is not None:
@@ -423,14 +474,15 @@ def evaluate(
     n_workers = min(workers, len(pairs))
     if n_workers <= 1:
         for case, p, g in pairs:
-            row = evaluate_case(case, p, g, tolerance_mm, lesion_overlap)
+            row = evaluate_case(case, p, g, tolerance_mm, lesion_overlap, gt_labels)
             rows.append(row)
             if progress is not None:
                 progress(row)
     else:
         with ProcessPoolExecutor(max_workers=n_workers) as pool:
             futures = [
-                pool.submit(evaluate_case, case, p, g, tolerance_mm, lesion_overlap) for case, p, g in pairs
+                pool.submit(evaluate_case, case, p, g, tolerance_mm, lesion_overlap, gt_labels)
+                for case, p, g in pairs
             ]
             for fut in as_completed(futures):
                 row = fut.result()
@@ -447,8 +499,9 @@ def evaluate(
         unmatched_gt=unmatched_gt,
         tolerance_mm=tolerance_mm,
         lesion_overlap=lesion_overlap,
+        gt_labels=gt_labels,
     )
-    result = EvaluationResult(rows, summary, unmatched_pred, unmatched_gt)
+    result = EvaluationResult(rows, summary, unmatched_pred, unmatched_gt, gt_labels=gt_labels)
     if out_dir is not None:
         result.csv_path, result.summary_path = write_outputs(result, Path(out_dir))
     return result
