@@ -275,6 +275,11 @@ def child(spec: dict[str, Any]) -> None:
         return pred
 
     predict.predict_volume = capture
+    if spec["device"] in ("cpu", "auto"):
+        # What `kitsseg segment` does at its start (library calls leave the process alone since 0.5).
+        from kitsseg import tune_process
+
+        tune_process(spec["threads"])
     t0 = time.perf_counter()
     result = segment(
         spec["input"],
