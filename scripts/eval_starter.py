@@ -1,6 +1,7 @@
 """Measure a weights file on the held-out real slices, through the real inference path.
 
     python scripts/eval_starter.py src/kitsseg/assets/kitsseg-starter.pt [--json out.json] [--bf16]
+        [--tumor-threshold P]
 
 The slices and the patient-level split come from the training config (``configs/starter.json`` by
 default: same sources, same grey-to-HU mapping, same seed), so the validation patients are exactly those
@@ -89,12 +90,17 @@ def main():
     ap.add_argument("--json", type=Path)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--overlaps", default="0.2", help="tumor overlap thresholds to compare, e.g. 0.95,0.5")
+    ap.add_argument(
+        "--tumor-threshold", type=float, default=None, help="tumor threshold (default: the weights')"
+    )
     args = ap.parse_args()
     recipe = load_recipe(args.config)
     parts = [p for s in recipe.sources for p in read_source(recipe.data_root, s)]
     groups = np.concatenate([p.group for p in parts])
     val = split_groups(groups, recipe.val_fraction, recipe.seed)
     bundle = load_bundle(args.weights)
+    if args.tumor_threshold is not None and bundle.tumor is not None:
+        bundle.tumor.threshold = args.tumor_threshold
     overlaps = [float(v) for v in args.overlaps.split(",")]
     acc: dict = {}
     det: dict = {}

@@ -311,6 +311,33 @@ def test_filter_tumors_partial_overlap_threshold():
     assert kept[0].overlap == pytest.approx(0.9)
 
 
+def test_small_round_tumors_are_exempt_from_the_lower_shape_bound_only():
+    """A round 15 mm tumor (ratio ~1.0 < 1.07) is removed by the paper's rule and kept with
+    ``round_exempt_mm=40``; a round 60 mm one is removed either way, and a small needle (ratio far above
+    2.8) still is: the exemption lifts only the lower bound, only for small tumors."""
+    shape = (50, 90, 90)
+    spacing = (1.0, 1.0, 1.0)
+    kidney = box(shape, (0, 50), (0, 90), (0, 90))
+    small = ellipsoid(shape, (10, 15, 15), (7, 7, 7))  # 15 mm across
+    large = ellipsoid(shape, (25, 55, 55), (24, 30, 30))  # about 56 mm sphere-equivalent: not exempt
+    needle = box(shape, (40, 48), (5, 7), (80, 81))  # 8 x 2 x 1: ratio far above 2.8
+    tumor = small | large | needle
+    assert eigenvalue_ratio(small) < 1.07
+    assert eigenvalue_ratio(large) < 1.07
+    paper, _, _ = filter_tumors(tumor, kidney, spacing=spacing, min_overlap=None)
+    assert not paper.any()
+    out, kept, removed = filter_tumors(tumor, kidney, spacing=spacing, min_overlap=None, round_exempt_mm=40.0)
+    np.testing.assert_array_equal(out, small)
+    assert [round(k.eigenvalue_ratio, 2) for k in kept] == [round(eigenvalue_ratio(small), 2)]
+    assert len(removed) == 2
+    assert all(r.reason.startswith("eigenvalue ratio") for r in removed)
+    # Through the pipeline: on by default (40 mm), None restores the paper's rule.
+    labels = postprocess(kidney, tumor, spacing=spacing, options=PostprocessOptions(keep_kidneys=False))
+    np.testing.assert_array_equal(labels.labels == 2, small)
+    off = PostprocessOptions(keep_kidneys=False, round_exempt_mm=None)
+    assert not (postprocess(kidney, tumor, spacing=spacing, options=off).labels == 2).any()
+
+
 def test_filter_tumors_grid_mismatch():
     with pytest.raises(GridMismatchError, match="grid"):
         filter_tumors(np.zeros((4, 4, 4), bool), np.zeros((4, 4, 5), bool))

@@ -14,7 +14,8 @@ from kitsseg.cli import app
 from kitsseg.errors import InvalidOptionError
 from kitsseg.inference.predict import predict_volume
 from kitsseg.training.recipe import load_recipe
-from kitsseg.training.slicetrain import train_from_config
+from kitsseg.training.slicesets import GridSlices
+from kitsseg.training.slicetrain import THRESHOLDS, train_from_config, validate
 from kitsseg.weights.checkpoint import load_bundle
 
 
@@ -175,3 +176,56 @@ def test_kidney_paste_puts_a_real_kidney_beside_the_spine_of_a_kidney_free_slice
         x[0, 0][~(torch.nn.functional.max_pool2d(pasted[None].float(), 3, 1, 1)[0] > 0)],
         body_t[0][~(torch.nn.functional.max_pool2d(pasted[None].float(), 3, 1, 1)[0] > 0)],
     )
+
+
+def test_select_by_slice_dice_exports_that_epoch_and_keeps_both_bests(tmp_path: Path) -> None:
+    """Both validation scores are logged each epoch; ``best-dice.pt`` and ``best-slice_dice.pt`` hold each
+    score's best epoch and threshold, ``best.pt`` (what export reads) the one ``select_by`` names."""
+    torch.set_num_threads(1)
+    path = write_recipe(tmp_path, epochs=3)
+    raw = json.loads(path.read_text())
+    raw["stages"]["tumor"]["select_by"] = "slice_dice"
+    path.write_text(json.dumps(raw))
+    recipe = load_recipe(path)
+    out = tmp_path / "run"
+    train_from_config(recipe, out, stages=("tumor",), log=lambda _m: None)
+    log = [json.loads(line) for line in (out / "tumor" / "log.jsonl").read_text().splitlines()]
+    for name, key in (("dice", "val_dice"), ("slice_dice", "val_slice_dice")):
+        ck = torch.load(out / "tumor" / f"best-{name}.pt", weights_only=True)
+        scores = [max(r[key].values()) for r in log]
+        assert ck["epoch"] == 1 + scores.index(max(scores))  # the first epoch with the top score
+        assert ck["select_by"] == name
+        assert ck["threshold"] == float(max(log[ck["epoch"] - 1][key].items(), key=lambda kv: kv[1])[0])
+    best = torch.load(out / "tumor" / "best.pt", weights_only=True)
+    assert best["select_by"] == "slice_dice"
+    raw["stages"]["tumor"]["select_by"] = "lesions"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InvalidOptionError, match="select_by"):
+        load_recipe(path)
+
+
+def test_slice_dice_counts_each_slice_once_and_empty_slices_as_one(tmp_path: Path) -> None:
+    """A model that predicts nothing: pooled Dice 0, per-slice Dice = the fraction of slices without
+    target (each scores 1), whatever the targets' sizes."""
+
+    class Nothing(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(x, -20.0)
+
+    n = 8
+    kidney = torch.zeros(n, 1, 32, 32, dtype=torch.uint8)
+    kidney[:6, :, 4:30, 4:30] = 1  # six slices with target (big), two without
+    data = GridSlices(
+        torch.zeros(n, 1, 32, 32).half(),
+        kidney,
+        torch.zeros_like(kidney),
+        np.array(["g"] * n),
+        np.array(["s"] * n),
+        np.ones((n, 2)),
+    )
+    recipe = load_recipe(write_recipe(tmp_path))
+    stage = recipe.stages["kidney"]
+    _loss, pooled, per_slice = validate(Nothing(), "kidney", torch.arange(n), data, recipe, stage)
+    for t in THRESHOLDS:
+        assert pooled[t] == 0.0
+        assert per_slice[t] == pytest.approx(2 / 8)

@@ -110,6 +110,29 @@ def test_augment_is_reproducible_and_identity_when_off() -> None:
     assert torch.equal(y, mask)
 
 
+def test_mirroring_flips_image_and_mask_together_and_leaves_old_recipes_unchanged() -> None:
+    img, mask = _blob(16, 32)
+    still = {"p_spatial": 0.0, "p_intensity": 0.0}
+    x, y = augment_batch(img, mask, AugmentConfig(p_flip=1.0, **still), torch.Generator().manual_seed(0))
+    assert torch.equal(x, img.flip(-1))
+    assert torch.equal(y, mask.flip(-1))
+    # About half the samples at p 0.5, each with its mask.
+    x, y = augment_batch(img, mask, AugmentConfig(p_flip=0.5, **still), torch.Generator().manual_seed(1))
+    flipped = [bool(torch.equal(y[i], mask[i].flip(-1))) for i in range(len(y))]
+    assert 0 < sum(flipped) < len(y)
+    for i, f in enumerate(flipped):
+        assert torch.equal(x[i], img[i].flip(-1) if f else img[i])
+    # p_flip 0 draws no random number for it (recipes from before the option keep their batches): the
+    # generator ends where it ends without mirroring, and one draw short of where mirroring leaves it.
+    cfg = AugmentConfig(p_spatial=1.0, p_intensity=1.0)
+    g0, g1 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    augment_batch(img, mask, cfg, g0)
+    augment_batch(img, mask, dataclasses.replace(cfg, p_flip=0.5), g1)
+    assert not torch.equal(g0.get_state(), g1.get_state())
+    torch.rand(len(img), generator=g0)
+    assert torch.equal(g0.get_state(), g1.get_state())
+
+
 # ----------------------------------------------------------------------------------------- the loop
 
 

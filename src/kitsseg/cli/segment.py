@@ -130,6 +130,16 @@ def segment_command(
             rich_help_panel=_PP,
         ),
     ] = 10.0,
+    round_exempt_mm: Annotated[
+        float,
+        typer.Option(
+            "--round-exempt-mm",
+            min=0.0,
+            help="Tumors up to this sphere-equivalent diameter (mm) are kept however round they are: only "
+            "the shape model's upper bound applies to them (0: the paper's rule for every size).",
+            rich_help_panel=_PP,
+        ),
+    ] = 20.0,
     no_tumor_shape: Annotated[
         bool,
         typer.Option(
@@ -208,6 +218,7 @@ def segment_command(
             keep_kidneys=not no_keep_kidneys,
             kidney_pairs=not no_kidney_pairs,
             bridge_mm=bridge_mm,
+            round_exempt_mm=round_exempt_mm or None,
             tumor_shape=not no_tumor_shape,
             tumor_overlap=not no_tumor_overlap,
             min_overlap=min_overlap,

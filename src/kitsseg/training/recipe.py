@@ -23,6 +23,7 @@ from .phases import PhaseConfig
 from .slicesets import SliceSource
 
 STAGES = ("kidney", "tumor")
+SELECT_BY = ("dice", "slice_dice")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class StageRecipe:
     phases: PhaseConfig = field(default_factory=PhaseConfig)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale=(0.75, 1.33)))
     bf16: bool = True
+    #: Which validation score picks the exported epoch and threshold: ``"dice"`` (pooled over the
+    #: validation slices: dominated by large objects) or ``"slice_dice"`` (the mean Dice per validation
+    #: slice, a slice with neither prediction nor target scoring 1: each slice counts once, so a missed
+    #: small tumor or a false positive on a tumor-free kidney slice costs as much as a large tumor's).
+    select_by: str = "dice"
     #: A second phase: after ``epochs``, ``then.epochs`` more with these options changed (the LR schedule
     #: restarts at ``then.lr`` and the exported epoch is chosen within this phase), e.g. a new augmentation
     #: on top of a converged model.
@@ -66,6 +72,10 @@ class StageRecipe:
         if unknown:
             raise InvalidOptionError(f"unknown stage option(s) in the training config: {sorted(unknown)}")
         kw: dict[str, Any] = dict(d)
+        if kw.get("select_by", "dice") not in SELECT_BY:
+            raise InvalidOptionError(
+                f"select_by must be one of {', '.join(SELECT_BY)}, got {kw.get('select_by')!r}"
+            )
         if kw.get("then") is not None:
             second = {k: v for k, v in d.items() if k != "then"}
             second.update(kw["then"])

@@ -2,8 +2,10 @@
 
 Each stage writes ``OUT/<stage>/last.pt`` (model, optimiser, LR schedule, random state) after every epoch
 and resumes from it when run again, so a CPU run can be spread over sessions (``minutes`` is the budget of
-one invocation, ``epochs`` the total); ``best.pt`` keeps the epoch with the best validation Dice and the
-probability threshold that was best on the validation slices; ``log.jsonl`` has one line per epoch.
+one invocation, ``epochs`` the total); ``best.pt`` keeps the epoch with the best validation score that the
+stage's ``select_by`` names (pooled Dice, or mean per-slice Dice) and the probability threshold that was
+best on the validation slices by that score; ``best-dice.pt`` and ``best-slice_dice.pt`` keep the best
+epoch by each score; ``log.jsonl`` has one line per epoch with both.
 Validation is on whole patients held out by :func:`.slicesets.split_groups`, on the model grid, without
 augmentation; the tumor stage is validated on the band placed around the ground-truth kidney.
 
@@ -145,11 +147,13 @@ def _crop(x: torch.Tensor, y: torch.Tensor, focus: torch.Tensor, crop: int, gen:
 
 def validate(
     model: torch.nn.Module, stage: str, idx: torch.Tensor, data: GridSlices, recipe: Recipe, sr: StageRecipe
-) -> tuple[float, dict[float, float]]:
-    """Validation loss and pooled Dice per threshold (model grid, no augmentation)."""
+) -> tuple[float, dict[float, float], dict[float, float]]:
+    """Validation loss, pooled Dice per threshold and mean per-slice Dice per threshold (a slice with
+    neither prediction nor target scores 1), on the model grid without augmentation."""
     gen = torch.Generator().manual_seed(0)
     model.eval()
     counts = {t: [0.0, 0.0, 0.0] for t in THRESHOLDS}
+    per_slice = {t: 0.0 for t in THRESHOLDS}
     total = 0.0
     with torch.inference_mode():
         for b in range(0, len(idx), 32):
@@ -159,12 +163,18 @@ def validate(
             p = torch.sigmoid(logits)
             for t, c in counts.items():
                 m = (p > t).float()
-                c[0] += float((m * y).sum())
-                c[1] += float((m * (1 - y)).sum())
-                c[2] += float(((1 - m) * y).sum())
+                tp = (m * y).flatten(1).sum(1)
+                fp = (m * (1 - y)).flatten(1).sum(1)
+                fn = ((1 - m) * y).flatten(1).sum(1)
+                c[0] += float(tp.sum())
+                c[1] += float(fp.sum())
+                c[2] += float(fn.sum())
+                denom = 2 * tp + fp + fn
+                per_slice[t] += float(torch.where(denom > 0, 2 * tp / denom.clamp(min=1), 1.0).sum())
     model.train()
     dice = {t: 2 * c[0] / max(2 * c[0] + c[1] + c[2], 1.0) for t, c in counts.items()}
-    return total / max(len(idx), 1), dice
+    slice_dice = {t: v / max(len(idx), 1) for t, v in per_slice.items()}
+    return total / max(len(idx), 1), dice, slice_dice
 
 
 def _initial_model(sr: StageRecipe, stage: str) -> UNet:
@@ -216,6 +226,7 @@ def train_stage(
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=start.patience)
     gen = torch.Generator().manual_seed(recipe.seed)
     epoch, best = 0, -1.0
+    bests: dict[str, float] = {}
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
@@ -223,6 +234,7 @@ def train_stage(
         gen.set_state(ck["gen"])
         torch.set_rng_state(ck["rng"])
         epoch, best = int(ck["epoch"]), float(ck["best"])
+        bests = {str(k): float(v) for k, v in ck.get("bests", {start.select_by: best}).items()}
         log(f"resumed {stage} at epoch {epoch}, best {best:.4f}")
     log(f"{stage}: train pos {len(tr_pos)} neg {len(tr_neg)} (pelvic {len(tr_pelvic)}), val {len(va)}")
     deadline = time.time() + sr.minutes * 60
@@ -235,7 +247,7 @@ def train_stage(
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, mode="min", factor=0.5, patience=sr.patience
             )
-            best = -1.0
+            best, bests = -1.0, {}
             log(f"{stage}: second phase from epoch {epoch + 1}, LR {sr.lr}")
         n_neg = int(round(sr.batch * sr.neg_fraction))
         k = sr.batch - n_neg
@@ -258,7 +270,7 @@ def train_stage(
             loss.backward()
             opt.step()
             total += float(loss.detach())
-        vloss, vdice = validate(model, stage, va, s, recipe, sr)
+        vloss, vdice, vslice = validate(model, stage, va, s, recipe, sr)
         sched.step(vloss)
         epoch += 1
         rec = {
@@ -267,24 +279,31 @@ def train_stage(
             "train_loss": round(total / steps, 5),
             "val_loss": round(vloss, 5),
             "val_dice": {str(t): round(v, 4) for t, v in vdice.items()},
+            "val_slice_dice": {str(t): round(v, 4) for t, v in vslice.items()},
             "lr": opt.param_groups[0]["lr"],
             "seconds": round(time.time() - t0, 1),
         }
         log(json.dumps(rec))
         with open(folder / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if max(vdice.values()) > best:
-            best = max(vdice.values())
-            _save(
-                folder / "best.pt",
-                {
-                    "model": model.state_dict(),
-                    "config": json.dumps(model.config.to_dict()),
-                    "epoch": epoch,
-                    "val_dice": best,
-                    "threshold": max(vdice, key=lambda t: vdice[t]),
-                },
-            )
+        # The best epoch by each score is kept (best-dice.pt, best-slice_dice.pt), so one run can be
+        # exported either way; best.pt is the one the recipe's select_by names.
+        for name, score in (("dice", vdice), ("slice_dice", vslice)):
+            if max(score.values()) <= bests.get(name, -1.0):
+                continue
+            bests[name] = max(score.values())
+            payload = {
+                "model": model.state_dict(),
+                "config": json.dumps(model.config.to_dict()),
+                "epoch": epoch,
+                "val_dice": bests[name],
+                "threshold": max(score, key=lambda t: score[t]),
+                "select_by": name,
+            }
+            _save(folder / f"best-{name}.pt", payload)
+            if name == sr.select_by:
+                _save(folder / "best.pt", payload)
+        best = bests[sr.select_by]
         _save(
             last,
             {
@@ -295,6 +314,7 @@ def train_stage(
                 "rng": torch.get_rng_state(),
                 "epoch": epoch,
                 "best": best,
+                "bests": dict(bests),
             },
         )
     return folder / "best.pt"
@@ -319,7 +339,11 @@ def export(recipe: Recipe, out: str | os.PathLike[str], path: str | os.PathLike[
         model = UNet(UNetConfig.from_dict(json.loads(ck["config"])))
         model.load_state_dict(ck["model"])
         stages[stage] = StageModel(model, sizes[stage], float(ck["threshold"]))  # type: ignore[arg-type]
-        validation[stage] = {"epoch": int(ck["epoch"]), "val_dice": round(float(ck["val_dice"]), 4)}
+        validation[stage] = {
+            "epoch": int(ck["epoch"]),
+            "val_dice": round(float(ck["val_dice"]), 4),  # the score select_by names
+            "select_by": str(ck.get("select_by", "dice")),
+        }
     meta: dict[str, Any] = {
         "name": "kitsseg-starter",
         "hu_window": list(recipe.hu_window),
