@@ -229,3 +229,33 @@ def test_slice_dice_counts_each_slice_once_and_empty_slices_as_one(tmp_path: Pat
     for t in THRESHOLDS:
         assert pooled[t] == 0.0
         assert per_slice[t] == pytest.approx(2 / 8)
+
+
+def test_a_stage_with_zero_epochs_keeps_its_warm_start_network_and_threshold(tmp_path: Path) -> None:
+    """``epochs: 0`` with ``init_from``: the source weights' network and threshold are exported unchanged
+    (a recipe that retrains the kidney stage and keeps the tumor stage); without ``init_from``: refused."""
+    torch.set_num_threads(1)
+    path = write_recipe(tmp_path, epochs=1)
+    first = train_from_config(
+        load_recipe(path), tmp_path / "a", export_to=tmp_path / "a.pt", log=lambda _m: None
+    )
+    source = load_bundle(first)
+    assert source.tumor is not None
+    raw = json.loads(path.read_text())
+    raw["stages"]["tumor"].update({"epochs": 0, "init_from": str(first)})
+    path.write_text(json.dumps(raw))
+    messages: list[str] = []
+    kept = train_from_config(
+        load_recipe(path), tmp_path / "b", export_to=tmp_path / "b.pt", log=messages.append
+    )
+    bundle = load_bundle(kept)
+    assert bundle.tumor is not None
+    assert bundle.tumor.threshold == source.tumor.threshold
+    for name, value in source.tumor.model.state_dict().items():
+        assert torch.equal(bundle.tumor.model.state_dict()[name], value), name
+    assert any("0 epochs" in m for m in messages)
+    assert not (tmp_path / "b" / "tumor" / "log.jsonl").exists()  # nothing was trained
+    raw["stages"]["tumor"].pop("init_from")
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InvalidOptionError, match="0 epochs needs init_from"):
+        train_from_config(load_recipe(path), tmp_path / "c", stages=("tumor",), log=lambda _m: None)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ..errors import InvalidOptionError
 from ..inference.preprocess import band_height, band_start
 from ..nets.model import UNet, UNetConfig
 from ..weights.checkpoint import StageModel, load_bundle, save_bundle
@@ -177,7 +178,8 @@ def validate(
     return total / max(len(idx), 1), dice, slice_dice
 
 
-def _initial_model(sr: StageRecipe, stage: str) -> UNet:
+def _initial_model(sr: StageRecipe, stage: str) -> tuple[UNet, float | None]:
+    """The stage's starting network and, when warm-started, the threshold the source weights use."""
     config = UNetConfig(base_width=sr.width, depth=4, norm="batch", upsample="transpose")
     if sr.init_from:
         from ..weights.registry import PACKAGE_ASSETS
@@ -193,8 +195,8 @@ def _initial_model(sr: StageRecipe, stage: str) -> UNet:
             )
         model = UNet(config)
         model.load_state_dict(src.model.state_dict())
-        return model
-    return UNet(config)
+        return model, float(src.threshold)
+    return UNet(config), None
 
 
 def train_stage(
@@ -218,7 +220,10 @@ def train_stage(
     donors = torch.nonzero((has_tu if stage == "tumor" else has_kt) & ~val).flatten()
 
     torch.manual_seed(recipe.seed)
-    model = _initial_model(sr, stage).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model, source_threshold = _initial_model(sr, stage)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if sr.total_epochs == 0:
+        return _carry_over(model, source_threshold, stage, folder, va, s, recipe, sr, log)
     last = folder / "last.pt"
     ck = torch.load(last, weights_only=True) if last.exists() else None
     start = sr.at_epoch(int(ck["epoch"]) if ck is not None else 0)
@@ -317,6 +322,42 @@ def train_stage(
                 "bests": dict(bests),
             },
         )
+    return folder / "best.pt"
+
+
+def _carry_over(
+    model: UNet,
+    threshold: float | None,
+    stage: str,
+    folder: Path,
+    va: torch.Tensor,
+    data: GridSlices,
+    recipe: Recipe,
+    sr: StageRecipe,
+    log: LogFn,
+) -> Path:
+    """A stage with 0 epochs exports its warm-start network unchanged, with the source weights' threshold
+    (validated once, so the log records its score): a recipe can retrain one stage and keep the other."""
+    if threshold is None:
+        raise InvalidOptionError(
+            f"{stage}: a stage with 0 epochs needs init_from (its network is kept as is)"
+        )
+    _loss, vdice, vslice = validate(model, stage, va, data, recipe, sr)
+    score = vslice if sr.select_by == "slice_dice" else vdice
+    nearest = min(score, key=lambda t: abs(t - threshold))
+    log(
+        f"{stage}: 0 epochs, the network of {sr.init_from} is kept "
+        f"(validation {score[nearest]:.4f} at threshold {nearest})"
+    )
+    payload = {
+        "model": model.state_dict(),
+        "config": json.dumps(model.config.to_dict()),
+        "epoch": 0,
+        "val_dice": score[nearest],
+        "threshold": threshold,
+        "select_by": sr.select_by,
+    }
+    _save(folder / "best.pt", payload)
     return folder / "best.pt"
 
 
