@@ -259,3 +259,19 @@ def test_a_stage_with_zero_epochs_keeps_its_warm_start_network_and_threshold(tmp
     path.write_text(json.dumps(raw))
     with pytest.raises(InvalidOptionError, match="0 epochs needs init_from"):
         train_from_config(load_recipe(path), tmp_path / "c", stages=("tumor",), log=lambda _m: None)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.json")),
+    ids=lambda p: p.name,
+)
+def test_every_committed_recipe_loads(path: Path, tmp_path: Path) -> None:
+    """The shipped recipe and every ablation resolve (``extends`` chains, known options only) without data:
+    a renamed or removed option in the library fails here, not in a long run."""
+    recipe = load_recipe(path, data_root=tmp_path)
+    assert recipe.sources
+    assert recipe.stages["kidney"].width == 16
+    if path.name == "starter.json":
+        assert recipe.stages["kidney"].augment.p_flip == 0.5  # the shipped 0.4.0 lever
+        assert recipe.stages["tumor"].epochs == 0  # 0.3.0's tumor network is kept
