@@ -114,8 +114,15 @@ def test_report_fields_and_side_volumes(tmp_path: Path, model) -> None:
 
 
 def test_tumor_outside_the_shape_bounds_is_removed_with_its_reason(tmp_path: Path, model) -> None:
+    """Below the lower bound with the paper's rule (``round_exempt_mm=None``) the phantom's small tumor is
+    removed; with the defaults it is small enough (<= 20 mm) to be exempt from the lower bound and kept."""
     ct, _ = _phantom(tmp_path, "kits19", seed=5)
-    result = segment(ct, tmp_path / "m.nii.gz", weights=model, eig_bounds=(5.0, 6.0))
+    kept = segment(ct, tmp_path / "kept.nii.gz", weights=model, eig_bounds=(5.0, 6.0))
+    assert kept.labels is not None
+    assert (kept.labels == 2).any()
+    assert kept.report["postprocess"]["round_exempt_mm"] == 20.0
+    paper = PostprocessOptions(round_exempt_mm=None)
+    result = segment(ct, tmp_path / "m.nii.gz", weights=model, eig_bounds=(5.0, 6.0), postprocess=paper)
     labels = result.labels
     assert labels is not None
     assert not (labels == 2).any()
