@@ -225,10 +225,11 @@ def test_slice_dice_counts_each_slice_once_and_empty_slices_as_one(tmp_path: Pat
     )
     recipe = load_recipe(write_recipe(tmp_path))
     stage = recipe.stages["kidney"]
-    _loss, pooled, per_slice = validate(Nothing(), "kidney", torch.arange(n), data, recipe, stage)
+    v = validate(Nothing(), "kidney", torch.arange(n), data, recipe, stage)
+    assert v.lesions == {}  # lesions are counted for the tumor stage only
     for t in THRESHOLDS:
-        assert pooled[t] == 0.0
-        assert per_slice[t] == pytest.approx(2 / 8)
+        assert v.dice[t] == 0.0
+        assert v.slice_dice[t] == pytest.approx(2 / 8)
 
 
 def test_a_stage_with_zero_epochs_keeps_its_warm_start_network_and_threshold(tmp_path: Path) -> None:
@@ -275,3 +276,104 @@ def test_every_committed_recipe_loads(path: Path, tmp_path: Path) -> None:
     if path.name == "starter.json":
         assert recipe.stages["kidney"].augment.p_flip == 0.5  # the shipped 0.4.0 lever
         assert recipe.stages["tumor"].epochs == 0  # 0.3.0's tumor network is kept
+
+
+def test_lesion_f1_choice_and_size_balanced_loss_in_a_real_run(tmp_path: Path) -> None:
+    """The tumor stage logs lesion counts and the lesion F1 per threshold each epoch; with ``select_by:
+    "lesion_f1"`` best.pt is that score's best epoch, and ``small_lesion_weight`` changes the training (the
+    toy tumors are about 14 mm across, under 4 cm, so they are weighted). Kidney stage: both refused."""
+    torch.set_num_threads(1)
+    path = write_recipe(tmp_path, epochs=2)
+    raw = json.loads(path.read_text())
+    raw["stages"]["tumor"]["select_by"] = "lesion_f1"
+    path.write_text(json.dumps(raw))
+    runs = {}
+    for cap in (1.0, 10.0):
+        raw["stages"]["tumor"]["small_lesion_weight"] = cap
+        path.write_text(json.dumps(raw))
+        out = tmp_path / f"run{cap:g}"
+        train_from_config(load_recipe(path), out, stages=("tumor",), log=lambda _m: None)
+        runs[cap] = out
+    log = [json.loads(line) for line in (runs[1.0] / "tumor" / "log.jsonl").read_text().splitlines()]
+    for rec in log:
+        assert set(rec["val_lesions"]["0.5"]) == {"<=20mm", "20-40mm", ">40mm", "fp"}
+    scores = [max(r["val_lesion_f1"].values()) for r in log]
+    best = torch.load(runs[1.0] / "tumor" / "best.pt", weights_only=True)
+    assert best["select_by"] == "lesion_f1"
+    assert best["epoch"] == 1 + scores.index(max(scores))
+    assert (runs[1.0] / "tumor" / "best-dice.pt").exists()
+    a = torch.load(runs[1.0] / "tumor" / "last.pt", weights_only=True)["model"]
+    b = torch.load(runs[10.0] / "tumor" / "last.pt", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    for option in ({"select_by": "lesion_f1"}, {"small_lesion_weight": 5.0}):
+        raw["stages"]["tumor"] = {k: v for k, v in raw["stages"]["tumor"].items() if k not in option}
+        raw["stages"]["kidney"] = {**raw["stages"]["kidney"], **option}
+        path.write_text(json.dumps(raw))
+        with pytest.raises(InvalidOptionError, match="tumor-stage"):
+            load_recipe(path)
+        raw["stages"]["kidney"] = {k: v for k, v in raw["stages"]["kidney"].items() if k not in option}
+
+
+def test_weight_average_is_what_is_validated_exported_and_resumed(tmp_path: Path) -> None:
+    """``ema_decay``: the moving average of the weights (and BatchNorm statistics) is the network scored and
+    saved in best.pt, not the last optimiser step's; its state is in last.pt and a resumed run continues
+    it (``n_averaged`` counts every optimiser step of both invocations). Out of [0, 1): refused."""
+    torch.set_num_threads(1)
+    path = write_recipe(tmp_path, epochs=1)
+    raw = json.loads(path.read_text())
+    raw["stages"]["tumor"].update(ema_decay=0.9, batch=2)  # several steps per epoch
+    path.write_text(json.dumps(raw))
+    out = tmp_path / "run"
+    train_from_config(load_recipe(path), out, stages=("tumor",), log=lambda _m: None)
+    last = torch.load(out / "tumor" / "last.pt", weights_only=True)
+    best = torch.load(out / "tumor" / "best.pt", weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert averaged.keys() == best["model"].keys()
+    assert all(torch.equal(averaged[k], best["model"][k]) for k in averaged)
+    assert any(not torch.equal(last["model"][k], best["model"][k]) for k in averaged)
+    steps_one_epoch = int(last["ema"]["n_averaged"])
+    assert steps_one_epoch > 1
+    raw["stages"]["tumor"]["epochs"] = 2
+    path.write_text(json.dumps(raw))
+    train_from_config(load_recipe(path), out, stages=("tumor",), log=lambda _m: None)
+    resumed = torch.load(out / "tumor" / "last.pt", weights_only=True)
+    assert int(resumed["epoch"]) == 2
+    assert int(resumed["ema"]["n_averaged"]) == 2 * steps_one_epoch
+    raw["stages"]["tumor"]["ema_decay"] = 1.0
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InvalidOptionError, match="ema_decay"):
+        load_recipe(path)
+
+
+def test_a_one_stage_run_exports_the_other_stage_from_its_warm_start(tmp_path: Path) -> None:
+    """``--model tumor`` with a recipe whose kidney stage has ``init_from``: the export takes the kidney
+    network and threshold from there (a complete weights file); without ``init_from``: one clear error."""
+    torch.set_num_threads(1)
+    path = write_recipe(tmp_path, epochs=1)
+    first = train_from_config(
+        load_recipe(path), tmp_path / "a", export_to=tmp_path / "a.pt", log=lambda _m: None
+    )
+    source = load_bundle(first)
+    raw = json.loads(path.read_text())
+    raw["stages"]["kidney"]["init_from"] = str(first)
+    path.write_text(json.dumps(raw))
+    out = train_from_config(
+        load_recipe(path), tmp_path / "b", stages=("tumor",), export_to=tmp_path / "b.pt", log=lambda _m: None
+    )
+    bundle = load_bundle(out)
+    assert not (tmp_path / "b" / "kidney").exists()
+    assert bundle.kidney.threshold == source.kidney.threshold
+    for name, value in source.kidney.model.state_dict().items():
+        assert torch.equal(bundle.kidney.model.state_dict()[name], value), name
+    assert bundle.tumor is not None
+    assert bundle.metadata["validation"]["kidney"] == {"epoch": 0, "kept_from": str(first)}
+    raw["stages"]["kidney"].pop("init_from")
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InvalidOptionError, match="no trained kidney stage"):
+        train_from_config(
+            load_recipe(path),
+            tmp_path / "b",
+            stages=("tumor",),
+            export_to=tmp_path / "c.pt",
+            log=lambda _m: None,
+        )

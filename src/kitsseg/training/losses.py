@@ -25,11 +25,23 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = D
     return 1.0 - (2.0 * inter + smooth) / (p.sum() + t.sum() + smooth)
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 0.5) -> torch.Tensor:
-    """``(1 - dice_weight) * BCE + dice_weight * (1 - soft Dice)`` (seed paper, equation 1, lambda = 0.5)."""
+def bce_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    dice_weight: float = 0.5,
+    pixel_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(1 - dice_weight) * BCE + dice_weight * (1 - soft Dice)`` (seed paper, equation 1, lambda = 0.5).
+
+    ``pixel_weight`` (same shape as ``target``) weighs each pixel's BCE term (the mean of ``weight * BCE``);
+    the Dice term is unweighted. Used for size-balanced tumor training
+    (:func:`kitsseg.training.lesions2d.lesion_weights`).
+    """
     if not 0.0 <= dice_weight <= 1.0:
         raise ValueError(f"dice_weight must be in [0, 1], got {dice_weight}")
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    bce = F.binary_cross_entropy_with_logits(
+        logits.float(), target.float(), weight=None if pixel_weight is None else pixel_weight.float()
+    )
     return (1.0 - dice_weight) * bce + dice_weight * soft_dice_loss(logits, target)
 
 

@@ -23,7 +23,7 @@ from .phases import PhaseConfig
 from .slicesets import SliceSource
 
 STAGES = ("kidney", "tumor")
-SELECT_BY = ("dice", "slice_dice")
+SELECT_BY = ("dice", "slice_dice", "lesion_f1")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,15 @@ class StageRecipe:
     #: validation slices: dominated by large objects) or ``"slice_dice"`` (the mean Dice per validation
     #: slice, a slice with neither prediction nor target scoring 1: each slice counts once, so a missed
     #: small tumor or a false positive on a tumor-free kidney slice costs as much as a large tumor's).
+    #: ``"lesion_f1"`` (tumor stage only): the lesion F1 of :mod:`.lesions2d` on the validation slices,
+    #: each tumor region counted once whatever its size, every invented region charged.
     select_by: str = "dice"
+    #: Tumor stage: cap of the size-balanced BCE weights (:func:`.lesions2d.lesion_weights`); tumor
+    #: regions under 4 cm get up to this weight. 1 (default): the paper's unweighted loss.
+    small_lesion_weight: float = 1.0
+    #: Exponential moving average of the weights, per optimiser step (0: off; e.g. 0.99 averages about
+    #: the last 100 steps): the averaged network is validated, chosen and exported (``slicetrain``).
+    ema_decay: float = 0.0
     #: A second phase: after ``epochs``, ``then.epochs`` more with these options changed (the LR schedule
     #: restarts at ``then.lr`` and the exported epoch is chosen within this phase), e.g. a new augmentation
     #: on top of a converged model.
@@ -76,6 +84,8 @@ class StageRecipe:
             raise InvalidOptionError(
                 f"select_by must be one of {', '.join(SELECT_BY)}, got {kw.get('select_by')!r}"
             )
+        if not 0.0 <= float(kw.get("ema_decay", 0.0)) < 1.0:
+            raise InvalidOptionError(f"ema_decay must be in [0, 1), got {kw.get('ema_decay')!r}")
         if kw.get("then") is not None:
             second = {k: v for k, v in d.items() if k != "then"}
             second.update(kw["then"])
@@ -148,6 +158,13 @@ def load_recipe(path: str | os.PathLike[str], data_root: str | os.PathLike[str] 
     raw = _read_with_base(p, depth=0)
     root = Path(data_root) if data_root is not None else (p.parent / raw.get("data_root", ".")).resolve()
     stages = {s: StageRecipe.from_dict(raw.get("stages", {}).get(s, {})) for s in STAGES}
+    kidney = stages["kidney"]
+    for phase in (kidney, kidney.then):
+        if phase is not None and (phase.select_by == "lesion_f1" or phase.small_lesion_weight > 1.0):
+            raise InvalidOptionError(
+                "select_by 'lesion_f1' and small_lesion_weight are tumor-stage options (the kidney stage "
+                "has no lesions to count)"
+            )
     return Recipe(
         data_root=root,
         sources=tuple(SliceSource.from_dict(s) for s in raw["sources"]),

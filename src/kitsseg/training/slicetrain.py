@@ -33,6 +33,7 @@ from ..nets.model import UNet, UNetConfig
 from ..weights.checkpoint import StageModel, load_bundle, save_bundle
 from .augment import augment_batch
 from .copypaste import paste_kidneys, paste_tumors
+from .lesions2d import LesionTally, lesion_counts, lesion_weights
 from .losses import bce_dice_loss
 from .phases import render_phases
 from .recipe import STAGES, Recipe, StageRecipe
@@ -40,6 +41,24 @@ from .slicesets import GridSlices, concat, load_source, split_groups
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 LogFn = Callable[[str], None]
+
+
+@dataclass
+class Validation:
+    """One validation pass: loss, and per threshold the pooled Dice, the mean per-slice Dice and (tumor
+    stage) the lesion counts."""
+
+    loss: float
+    dice: dict[float, float]
+    slice_dice: dict[float, float]
+    lesions: dict[float, LesionTally]
+
+    def scores(self) -> dict[str, dict[float, float]]:
+        """Each ``select_by`` score per threshold (``lesion_f1`` only where lesions were counted)."""
+        out = {"dice": self.dice, "slice_dice": self.slice_dice}
+        if self.lesions:
+            out["lesion_f1"] = {t: v.f1 for t, v in self.lesions.items()}
+        return out
 
 
 @dataclass
@@ -148,13 +167,15 @@ def _crop(x: torch.Tensor, y: torch.Tensor, focus: torch.Tensor, crop: int, gen:
 
 def validate(
     model: torch.nn.Module, stage: str, idx: torch.Tensor, data: GridSlices, recipe: Recipe, sr: StageRecipe
-) -> tuple[float, dict[float, float], dict[float, float]]:
-    """Validation loss, pooled Dice per threshold and mean per-slice Dice per threshold (a slice with
-    neither prediction nor target scores 1), on the model grid without augmentation."""
+) -> Validation:
+    """Validation loss, pooled Dice per threshold, mean per-slice Dice per threshold (a slice with neither
+    prediction nor target scores 1) and, for the tumor stage, lesion counts per threshold
+    (:func:`.lesions2d.lesion_counts`), on the model grid without augmentation."""
     gen = torch.Generator().manual_seed(0)
     model.eval()
     counts = {t: [0.0, 0.0, 0.0] for t in THRESHOLDS}
     per_slice = {t: 0.0 for t in THRESHOLDS}
+    lesions = {t: LesionTally() for t in THRESHOLDS}
     total = 0.0
     with torch.inference_mode():
         for b in range(0, len(idx), 32):
@@ -172,10 +193,14 @@ def validate(
                 c[2] += float(fn.sum())
                 denom = 2 * tp + fp + fn
                 per_slice[t] += float(torch.where(denom > 0, 2 * tp / denom.clamp(min=1), 1.0).sum())
+                if stage == "tumor":
+                    lesions[t].add(
+                        lesion_counts(m[:, 0].numpy() > 0, y[:, 0].numpy() > 0.5, recipe.pixel_spacing_mm)
+                    )
     model.train()
     dice = {t: 2 * c[0] / max(2 * c[0] + c[1] + c[2], 1.0) for t, c in counts.items()}
     slice_dice = {t: v / max(len(idx), 1) for t, v in per_slice.items()}
-    return total / max(len(idx), 1), dice, slice_dice
+    return Validation(total / max(len(idx), 1), dice, slice_dice, lesions if stage == "tumor" else {})
 
 
 def _initial_model(sr: StageRecipe, stage: str) -> tuple[UNet, float | None]:
@@ -228,12 +253,15 @@ def train_stage(
     ck = torch.load(last, weights_only=True) if last.exists() else None
     start = sr.at_epoch(int(ck["epoch"]) if ck is not None else 0)
     opt = torch.optim.Adam(model.parameters(), lr=sr.lr)
+    ema = _weight_average(model, sr.ema_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=start.patience)
     gen = torch.Generator().manual_seed(recipe.seed)
     epoch, best = 0, -1.0
     bests: dict[str, float] = {}
     if ck is not None:
         model.load_state_dict(ck["model"])
+        if ema is not None and "ema" in ck:
+            ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         gen.set_state(ck["gen"])
@@ -270,35 +298,48 @@ def train_stage(
             x, y = make_batch(stage, torch.cat([pi, ni]), s, recipe, sr, gen, True, donors)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sr.bf16):
                 logits = model(x.contiguous(memory_format=torch.channels_last))
-            loss = bce_dice_loss(logits.float(), y)
+            weight = (
+                lesion_weights(y, recipe.pixel_spacing_mm, sr.small_lesion_weight)
+                if sr.small_lesion_weight > 1.0
+                else None
+            )
+            loss = bce_dice_loss(logits.float(), y, pixel_weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total += float(loss.detach())
-        vloss, vdice, vslice = validate(model, stage, va, s, recipe, sr)
-        sched.step(vloss)
+        # With weight averaging, the averaged network is validated, chosen and exported.
+        scored = model if ema is None else ema.module
+        v = validate(scored, stage, va, s, recipe, sr)
+        scores = v.scores()
+        sched.step(v.loss)
         epoch += 1
         rec = {
             "stage": stage,
             "epoch": epoch,
             "train_loss": round(total / steps, 5),
-            "val_loss": round(vloss, 5),
-            "val_dice": {str(t): round(v, 4) for t, v in vdice.items()},
-            "val_slice_dice": {str(t): round(v, 4) for t, v in vslice.items()},
+            "val_loss": round(v.loss, 5),
+            **{
+                f"val_{name}": {str(t): round(val, 4) for t, val in score.items()}
+                for name, score in scores.items()
+            },
+            **({"val_lesions": {str(t): n.to_dict() for t, n in v.lesions.items()}} if v.lesions else {}),
             "lr": opt.param_groups[0]["lr"],
             "seconds": round(time.time() - t0, 1),
         }
         log(json.dumps(rec))
         with open(folder / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        # The best epoch by each score is kept (best-dice.pt, best-slice_dice.pt), so one run can be
-        # exported either way; best.pt is the one the recipe's select_by names.
-        for name, score in (("dice", vdice), ("slice_dice", vslice)):
+        # The best epoch by each score is kept (best-dice.pt, best-slice_dice.pt, best-lesion_f1.pt), so
+        # one run can be exported either way; best.pt is the one the recipe's select_by names.
+        for name, score in scores.items():
             if max(score.values()) <= bests.get(name, -1.0):
                 continue
             bests[name] = max(score.values())
             payload = {
-                "model": model.state_dict(),
+                "model": scored.state_dict(),
                 "config": json.dumps(model.config.to_dict()),
                 "epoch": epoch,
                 "val_dice": bests[name],
@@ -313,6 +354,7 @@ def train_stage(
             last,
             {
                 "model": model.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "opt": opt.state_dict(),
                 "sched": sched.state_dict(),
                 "gen": gen.get_state(),
@@ -323,6 +365,19 @@ def train_stage(
             },
         )
     return folder / "best.pt"
+
+
+def _weight_average(model: UNet, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the network's weights and BatchNorm statistics (``decay`` per
+    optimiser step; ``None`` when 0). Validation scores of the raw weights jump from epoch to epoch (a few
+    hundred tumor slices, small batches), so the epoch that wins is partly luck; the average of the last
+    ``~1 / (1 - decay)`` steps moves smoothly and is the better-generalising network (Polyak averaging;
+    Izmailov et al. 2018 for weight averaging in deep networks)."""
+    if decay <= 0.0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _carry_over(
@@ -342,8 +397,7 @@ def _carry_over(
         raise InvalidOptionError(
             f"{stage}: a stage with 0 epochs needs init_from (its network is kept as is)"
         )
-    _loss, vdice, vslice = validate(model, stage, va, data, recipe, sr)
-    score = vslice if sr.select_by == "slice_dice" else vdice
+    score = validate(model, stage, va, data, recipe, sr).scores()[sr.select_by]
     nearest = min(score, key=lambda t: abs(t - threshold))
     log(
         f"{stage}: 0 epochs, the network of {sr.init_from} is kept "
@@ -375,6 +429,19 @@ def export(recipe: Recipe, out: str | os.PathLike[str], path: str | os.PathLike[
     for stage in STAGES:
         f = Path(out) / stage / "best.pt"
         if not f.exists():
+            # A stage not trained in this run (``--model tumor``) is exported from its warm start, the
+            # network a 0-epoch stage keeps, so a one-stage run still gives a complete weights file.
+            sr = recipe.stages[stage]
+            if not sr.init_from:
+                if stage == "kidney":
+                    raise InvalidOptionError(
+                        f"cannot export weights: {out} has no trained kidney stage and the recipe's kidney "
+                        "stage has no init_from to take it from (train it: --model kidney or both)"
+                    )
+                continue
+            model, threshold = _initial_model(sr, stage)
+            stages[stage] = StageModel(model, sizes[stage], float(threshold))  # type: ignore[arg-type]
+            validation[stage] = {"epoch": 0, "kept_from": str(sr.init_from)}
             continue
         ck = torch.load(f, weights_only=True)
         model = UNet(UNetConfig.from_dict(json.loads(ck["config"])))
