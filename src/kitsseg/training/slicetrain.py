@@ -479,6 +479,13 @@ def train_from_config(
     log: LogFn = print,
 ) -> Path | None:
     """Run the recipe's stages (resuming each from its last checkpoint), then export if asked."""
+    kidney_source = Path(out) / "kidney" / "best.pt"
+    if export_to is not None and "kidney" not in stages and not kidney_source.exists():
+        if not recipe.stages["kidney"].init_from:
+            raise InvalidOptionError(
+                f"cannot export weights: {out} has no trained kidney stage and the recipe's kidney stage has "
+                "no init_from to take it from (train it: --model kidney or both)"
+            )
     data = prepare_data(recipe)
     log(
         f"{len(data.slices)} slices on a {recipe.grid} grid at {recipe.pixel_spacing_mm} mm, "
