@@ -274,8 +274,11 @@ def test_every_committed_recipe_loads(path: Path, tmp_path: Path) -> None:
     assert recipe.sources
     assert recipe.stages["kidney"].width == 16
     if path.name == "starter.json":
-        assert recipe.stages["kidney"].augment.p_flip == 0.5  # the shipped 0.4.0 lever
-        assert recipe.stages["tumor"].epochs == 0  # 0.3.0's tumor network is kept
+        assert recipe.stages["kidney"].augment.p_flip == 0.5  # the 0.4.0 kidney lever
+        assert recipe.stages["tumor"].synth == {"prob": 0.3}  # the 0.5.0 tumor lever
+        assert recipe.stages["tumor"].epochs == 30
+    if path.name in ("tumor-rerun.json", "tumor-lesion-select.json", "tumor-select-slice.json"):
+        assert recipe.stages["tumor"].synth is None  # controls without the shipped recipe's lever
 
 
 def test_lesion_f1_choice_and_size_balanced_loss_in_a_real_run(tmp_path: Path) -> None:
