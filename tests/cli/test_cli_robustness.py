@@ -291,6 +291,16 @@ def _reference_on_another_grid(w: Path) -> BadInput:
     return BadInput(args, GridMismatchError.exit_code, "reference ")
 
 
+def _reference_with_other_labels(w: Path) -> BadInput:
+    # A KiTS21/23 label file (3 = cyst) as --reference: its Dice counted the cyst as kidney, exit 0.
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[4:8, 10:20, 10:20] = 1
+    ref[5:7, 12:15, 12:15] = 3
+    labels = write_frame(ref, w / "gt.nii.gz", spacing=SPACING)
+    args = [_good(w), "-o", w / "out" / "m.nii.gz", "--reference", labels]
+    return BadInput(args, InvalidImageError.exit_code, "has label values 3 (expected 0, 1, 2")
+
+
 def _cuda_without_gpu(w: Path) -> BadInput:
     return BadInput(
         [_good(w), "-o", w / "out" / "m.nii.gz", "--device", "cuda"], DeviceError.exit_code, "--device cuda"
@@ -472,6 +482,7 @@ MATRIX: dict[str, Callable[[Path], BadInput]] = {
     "output-not-nifti": _output_not_nifti,
     "reference-missing": _reference_missing,
     "reference-on-another-grid": _reference_on_another_grid,
+    "reference-with-other-labels": _reference_with_other_labels,
     "cuda-without-gpu": _cuda_without_gpu,
     "unknown-device": _unknown_device,
     "weights-missing": _weights_missing,
@@ -715,6 +726,7 @@ def test_batch_of_five_with_one_bad_file(tmp_path: Path, weights: Path, home: Pa
         assert "kidney_volume_ml" in json.loads((out / f"{case}.json").read_text())
     summary_line = _error_lines(proc.stderr)[-1]
     assert summary_line.startswith("error: 1 case(s) failed: case_02")
+    assert summary_line.endswith("the other outputs were written")
     assert "case_02" in proc.stdout  # the summary table
     summary = json.loads((out / "kitsseg-batch.json").read_text())
     assert [f["case"] for f in summary["failed"]] == ["case_02"]
@@ -722,6 +734,23 @@ def test_batch_of_five_with_one_bad_file(tmp_path: Path, weights: Path, home: Pa
     assert summary["done"] == 4
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
     assert _snapshot(src) == before
+
+
+def test_batch_of_only_bad_files_says_no_mask_was_written(
+    tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every case failed: the last line said "the other outputs were written" where there were none."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (src / name).write_text("plain text, not a NIfTI\n")
+    out = tmp_path / "out"
+    assert _run(["segment", src, "-o", out, *_segment_args(weights)]) == EXIT_BATCH_FAILED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = _error_lines(err)[-1]
+    assert last == "error: 2 case(s) failed: a, b; no mask was written", err
+    assert not list(out.glob("*.nii.gz"))
 
 
 def _cases_of(summary_path: Path) -> list[str]:

@@ -67,6 +67,20 @@ def test_stats_refuses_a_folder_as_output_before_reading(
     assert "reading labels" not in err
 
 
+def test_stats_output_under_a_file_says_it_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-o labels/case_00.nii.gz/stats.json``: the "folder" is the label file, which exists; the line said
+    it did not exist. Refused before any label is read, nothing changed."""
+    label = phantom_labels(tmp_path / "labels" / "case_00.nii.gz")
+    before = snapshot(tmp_path)
+    assert run_cli(["stats", tmp_path / "labels", "-o", label / "stats.json"]) == OutputError.exit_code
+    err = capsys.readouterr().err
+    assert_one_error(err, f"{label} is a file, not a folder")
+    assert "does not exist" not in err
+    assert snapshot(tmp_path) == before
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 
 
@@ -118,13 +132,27 @@ def test_evaluate_writes_both_files_or_neither(
     (kept / "summary.json").write_text("{}\n")
     _fsync_fails_at(call, monkeypatch)
     assert run_cli(["evaluate", pred, gt, "-o", fresh]) == OutputError.exit_code
-    assert_one_error(capsys.readouterr().err, "neither per_case.csv nor summary.json was changed")
+    assert_one_error(capsys.readouterr().err, "was changed: free some space or choose another folder")
     assert not fresh.exists()  # the folder this run created is removed again
     _fsync_fails_at(call, monkeypatch)
     assert run_cli(["evaluate", pred, gt, "-o", kept]) == OutputError.exit_code
     assert sorted(p.name for p in kept.iterdir()) == ["per_case.csv", "summary.json"]  # no temporaries
     assert (kept / "per_case.csv").read_text() == "old csv\n"
     assert (kept / "summary.json").read_text() == "{}\n"
+
+
+def test_evaluate_output_under_a_file_does_not_blame_the_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-o`` below a file (``gt/case_a.nii.gz/scores``) fails with "Not a directory"; the line told the user
+    to free some space. It names the cause and asks for another folder; nothing is created."""
+    pred, gt = _pred_gt(tmp_path)
+    before = snapshot(tmp_path)
+    assert run_cli(["evaluate", pred, gt, "-o", gt / "case_a.nii.gz" / "scores"]) == OutputError.exit_code
+    line = assert_one_error(capsys.readouterr().err, "Not a directory; neither per_case.csv nor summary.json")
+    assert line.endswith("was changed: choose another folder"), line
+    assert "free some space" not in line
+    assert snapshot(tmp_path) == before
 
 
 def test_evaluate_writes_both_files_when_the_disk_has_room(tmp_path: Path) -> None:

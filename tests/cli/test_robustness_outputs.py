@@ -268,6 +268,23 @@ def test_threads_above_the_cores_warn(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
 
 
+def test_absurd_thread_count_is_one_option_error_line(tmp_path: Path) -> None:
+    """``--threads 100000`` (a typo for 10) made OpenMP fail to create its threads: a segmentation fault,
+    no message. It is refused as an option error before any thread starts; nothing is written. In a
+    subprocess, so the unfixed crash cannot take the test run with it."""
+    ct = phantom_ct(tmp_path / "ct.nii.gz")
+    out = tmp_path / "out" / "m.nii.gz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KITSSEG_OFFLINE": "1"}
+    env["KITSSEG_HOME"] = str(tmp_path / "home")
+    args = ["segment", str(ct), "-o", str(out), "--device", "cpu", "--threads", "100000"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kitsseg", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == InvalidOptionError.exit_code, proc.stderr
+    assert_one_error(proc.stderr, "--threads 100000 is more than kitsseg starts (at most")
+    assert not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_while_importing_is_one_line(tmp_path: Path) -> None:
     """Ctrl-C while ``python -m kitsseg`` still imports typer: one line, exit 130, no traceback. The
     interrupt is made deterministic by a ``typer`` module that raises it when imported."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kitsseg.cli import main
-from kitsseg.errors import EXIT_BATCH_FAILED, DatasetError, InputNotFoundError
+from kitsseg.errors import EXIT_BATCH_FAILED, DatasetError, InputNotFoundError, InvalidOptionError
 from kitsseg.evaluation.evaluate import COLUMNS, evaluate
 from kitsseg.evaluation.metrics import EMPTY_MASK_RULE, METRIC_NAMES
 
@@ -348,6 +348,22 @@ def test_cli_missing_path_exit_code(tmp_path, dataset, capsys):
         main(["evaluate", str(tmp_path / "missing"), str(gt_dir)])
     assert exc.value.code == InputNotFoundError.exit_code
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_infinite_tolerance_is_one_option_error_line(dataset, tmp_path, capsys):
+    """``--tolerance-mm inf`` passes click's ``min=0`` but not ``evaluate``'s own check, which raised a
+    plain ValueError: the user saw a traceback and exit 1. Now it is an option error (2), one line."""
+    pred_dir, gt_dir, _, _ = dataset
+    out = tmp_path / "cli_out"
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(pred_dir), str(gt_dir), "-o", str(out), "--tolerance-mm", "inf"])
+    assert exc.value.code == InvalidOptionError.exit_code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: --tolerance-mm must be a finite number"), err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------ real data

@@ -164,6 +164,34 @@ def test_truncated_file_is_named(tmp_path: Path, frame: np.ndarray, keep: int, e
     assert expected in message
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        ("ImageOrientationPatient", ["nan", 0, 0, 0, 1, 0], "is not two perpendicular unit vectors"),
+        ("ImageOrientationPatient", [0, 0, 0, 0, 0, 0], "[0.0, 0.0, 0.0, 0.0, 0.0, 0.0] is not two"),
+        ("ImagePositionPatient", [0, "nan", 0], "non-finite ImagePositionPatient"),
+    ],
+)
+def test_non_finite_or_degenerate_geometry_is_refused(
+    tmp_path: Path, frame: np.ndarray, keyword: str, value: list, expected: str
+) -> None:
+    """NaN compares False with every tolerance, so a NaN orientation passed the unit-vector check and
+    ended in a traceback from nibabel's qform; each is now one line naming the header (and numbers print
+    as numbers, not ``np.float64(0.0)``)."""
+    import warnings
+
+    pydicom = pytest.importorskip("pydicom")
+    for path in write_series(tmp_path / "s", frame, SPACING):
+        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings():  # pydicom warns that "nan" is not a valid DS value; it is the point
+            warnings.simplefilter("ignore")
+            setattr(ds, keyword, value)
+            ds.save_as(path)
+    message = _err(tmp_path / "s")
+    assert expected in message
+    assert "np.float64" not in message
+
+
 def test_volume_index_with_a_series_is_refused(tmp_path: Path, frame: np.ndarray) -> None:
     write_series(tmp_path / "s", frame, SPACING)
     with pytest.raises(InvalidImageError, match="is a DICOM series"):

@@ -5,6 +5,7 @@ log lines, all at the loader (``load_ct`` / ``load_labels``) that every command 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from kitsseg.errors import InvalidImageError
 from kitsseg.evaluation.phantom import make_phantom
-from kitsseg.io.frame import MAX_SPACING_MM, quiet_nibabel
+from kitsseg.io.frame import MAX_SPACING_MM, VolumeWarning, quiet_nibabel
 from kitsseg.io.load import load_ct, load_labels
 from kitsseg.io.save import write_frame
 from robustness import SHAPE, SPACING
@@ -58,6 +59,36 @@ def test_coarse_but_real_spacing_loads(tmp_path) -> None:
     ct, _ = make_phantom(SHAPE, SPACING, seed=1, noise_hu=1.0)
     path = write_frame(ct, tmp_path / "ct.nii.gz", spacing=(10.0, 2.0, 2.0))
     assert load_ct(path).spacing == pytest.approx((10.0, 2.0, 2.0))
+
+
+@pytest.mark.parametrize(
+    ("qform", "expected"),
+    [
+        (np.diag([3.0, 3.0, 3.0, 1.0]), "voxel size 3 x 3 x 3 vs 0.8 x 0.8 x 2.5 mm"),
+        (np.diag([-0.8, -0.8, 2.5, 1.0]), "axes LPS vs RAS"),
+    ],
+)
+def test_qform_and_sform_that_disagree_warn(tmp_path, qform, expected) -> None:
+    """Both coded, placing the voxels differently: kitsseg (nibabel) reads the sform, ITK tools may read
+    the qform, so the mask may not be where the user's viewer puts the CT. It loaded without a word."""
+    ct, _ = make_phantom(SHAPE, SPACING, seed=1, noise_hu=1.0)
+    img = nib.Nifti1Image(ct, np.diag([0.8, 0.8, 2.5, 1.0]))
+    img.set_qform(qform, code=1)
+    img.set_sform(np.diag([0.8, 0.8, 2.5, 1.0]), code=1)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(img, str(path))
+    with pytest.warns(VolumeWarning, match=r"qform and an sform that disagree") as caught:
+        vol = load_ct(path)
+    assert vol.spacing == pytest.approx((0.8, 0.8, 2.5)[::-1])  # the sform's, in the (z, row, col) frame
+    assert any(expected in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_qform_and_sform_that_agree_do_not_warn(tmp_path) -> None:
+    ct, _ = make_phantom(SHAPE, SPACING, seed=1, noise_hu=1.0)
+    path = write_frame(ct, tmp_path / "ct.nii.gz", spacing=SPACING, layout="ras")  # both coded, equal
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_ct(path)
 
 
 class _Records(logging.Handler):

@@ -281,6 +281,17 @@ def test_normalised_values_warn_but_load(tmp_path: Path) -> None:
     assert vol.data.shape == (6, 5, 4)
 
 
+@pytest.mark.parametrize(("dtype", "high"), [(np.uint8, 255), (np.int16, 1000)])
+def test_windowed_values_without_negatives_warn(tmp_path: Path, dtype: type, high: int) -> None:
+    """An 8-bit windowed export (0..255) or a 0..1000 window: no air, no negative value, nothing a CT
+    without its intercept would hold either. It used to load without a word, unlike 0..1."""
+    data = np.random.default_rng(0).integers(0, high + 1, size=(4, 5, 6)).astype(dtype)
+    data[0, 0, 0], data[1, 1, 1] = 0, high
+    with pytest.warns(VolumeWarning, match=rf"values from 0 to {high}, which do not look like Hounsfield"):
+        vol = load_ct(_save(data, np.eye(4), tmp_path / "windowed.nii.gz"))
+    assert vol.data.shape == (6, 5, 4)
+
+
 def test_missing_intercept_warns(tmp_path: Path) -> None:
     data = np.random.default_rng(0).uniform(0, 3000, size=(4, 5, 6)).astype(np.float32)
     with pytest.warns(VolumeWarning, match="intercept"):

@@ -698,3 +698,23 @@ def test_bridging_joins_kidney_pieces_split_by_missed_slices() -> None:
     # A gap wider than bridge_mm stays a gap.
     wide, _ = keep_largest_components(m, 2, spacing=(6.0, 1.0, 1.0), bridge_mm=10.0)
     assert not (wide[2:9, 10:20, 5:15].any() and wide[11:18, 10:20, 5:15].any())
+
+
+@pytest.mark.parametrize(
+    ("spacing", "bridge_mm"), [((1e-7, 1.0, 1.0), 10.0), ((3.0, 1.0, 1.0), 1e9), ((3.0, 1.0, 1.0), math.inf)]
+)
+def test_bridging_reach_is_bounded_by_the_mask(spacing: tuple[float, float, float], bridge_mm: float) -> None:
+    """A reach far beyond the mask's height (a 1e-7 mm slice spacing in a header, ``--bridge-mm 1e9`` or
+    ``inf``) bridges like a reach of the whole height, at once: it used to hang, run out of memory or raise
+    ``OverflowError``."""
+    m = np.zeros((30, 40, 60), dtype=bool)
+    m[2:9, 10:20, 5:15] = True
+    m[20:28, 10:20, 5:15] = True  # the same column, 11 slices further down
+    m[2:18, 10:20, 45:55] = True
+    m[22:30, 5:15, 25:36] = True
+    kept, removed = keep_largest_components(m, 2, spacing=spacing, bridge_mm=bridge_mm)
+    expected, _ = keep_largest_components(m, 2, spacing=(1.0, 1.0, 1.0), bridge_mm=60.0)
+    np.testing.assert_array_equal(kept, expected)
+    assert kept[2:9, 10:20, 5:15].all()
+    assert kept[20:28, 10:20, 5:15].all()
+    assert [c.voxels for c in removed] == [880]

@@ -409,6 +409,10 @@ def _segment_folder(
     )
     if result.failed:
         names = ", ".join(o.case for o in result.failed)
-        fail(
-            f"{len(result.failed)} case(s) failed: {names}; the other outputs were written", EXIT_BATCH_FAILED
+        # "the other outputs were written" only where there are others: a batch of bad files said it too.
+        rest = (
+            "no mask was written"
+            if len(result.failed) == len(result.outcomes)
+            else "the other outputs were written"
         )
+        fail(f"{len(result.failed)} case(s) failed: {names}; {rest}", EXIT_BATCH_FAILED)

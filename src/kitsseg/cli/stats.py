@@ -123,5 +123,7 @@ def _check_output(output: Path, label_files: list[Path]) -> None:
             f"-o {output} is a folder; give a file name for the statistics, e.g. shape-stats.json"
         )
     if not output.parent.is_dir():
-        raise OutputError(f"cannot write {output}: folder {output.parent} does not exist; create it first")
+        # A file where the folder should be (``-o case.nii.gz/stats.json``) was reported as missing.
+        why = "is a file, not a folder" if output.parent.exists() else "does not exist; create it first"
+        raise OutputError(f"cannot write {output}: {output.parent} {why}")
     refuse_outputs_on_inputs([("-o", output)], [("label file", p) for p in label_files])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -37,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..errors import DatasetError, GridMismatchError, InputNotFoundError, KitssegError, OutputError
+from ..errors import (
+    DatasetError,
+    GridMismatchError,
+    InputNotFoundError,
+    InvalidOptionError,
+    KitssegError,
+    OutputError,
+)
 from ..io.atomic import atomic_output
 from .labelsets import (
     KITS23_DEFINITIONS,
@@ -403,9 +411,13 @@ def write_outputs(result: EvaluationResult, out_dir: Path) -> tuple[Path, Path]:
         for folder in reversed(created):
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        # "free some space" only for a full disk: a file in the folder's path is not cured by that.
+        hint = "choose another folder"
+        if exc.errno == errno.ENOSPC:
+            hint = "free some space or " + hint
         raise OutputError(
             f"cannot write evaluation results to {out_dir}: {exc.strerror or exc}; neither {CSV_NAME} nor "
-            f"{SUMMARY_NAME} was changed: free some space or choose another folder"
+            f"{SUMMARY_NAME} was changed: {hint}"
         ) from exc
     return csv_path, summary_path
 
@@ -455,13 +467,15 @@ def evaluate(
     DatasetError
         No case names in common, or two files of one side share a case name.
     InvalidOptionError
-        ``lesion_overlap`` is not in (0, 1], or ``gt_labels`` is not ``"kits19"`` or ``"kits23"`` (also a
-        ``ValueError``).
+        ``lesion_overlap`` is not in (0, 1], ``tolerance_mm`` is not a finite number >= 0, ``workers`` is
+        below 1, or ``gt_labels`` is not ``"kits19"`` or ``"kits23"`` (also a ``ValueError``).
     """
+    # InvalidOptionError (a ValueError): the CLI passes these straight from --workers and --tolerance-mm,
+    # whose own range check lets "inf" through; a plain ValueError reached the user as a traceback.
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise InvalidOptionError(f"--workers must be at least 1, got {workers}")
     if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
-        raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm}")
+        raise InvalidOptionError(f"--tolerance-mm must be a finite number of mm >= 0, got {tolerance_mm}")
     lesion_overlap = check_min_overlap(lesion_overlap)
     gt_labels = check_gt_labels(gt_labels)
     pred_path, gt_path = Path(pred), Path(gt)

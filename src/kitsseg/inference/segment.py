@@ -298,6 +298,7 @@ def _segment_case(
                 f"CT has {volume.data.shape}; give the label file of this CT"
             )
         ref_same_grid = same_grid(volume, ref_volume)
+        _check_reference_values(ref_labels, reference)
     timings["load"] = time.perf_counter() - t0
 
     if bf16 is None:
@@ -404,3 +405,22 @@ def _segment_case(
                 path.unlink()
         raise
     return SegmentationResult(src, out, rep, preview_path, report, labels if keep_labels else None)
+
+
+def _check_reference_values(ref_labels: np.ndarray, reference: Path) -> None:
+    """Refuse a ``--reference`` holding values other than 0, 1, 2, before the CT is segmented.
+
+    The Dice of the report counts label > 0 as kidney+tumor and 2 as tumor, so a KiTS21/23 cyst (3) or any
+    other value would silently change it (``evaluate`` refuses the same files; see
+    :mod:`kitsseg.evaluation.labelsets`).
+    """
+    from ..evaluation.labelsets import KITS19_VALUES, unexpected_values
+
+    bad = unexpected_values(ref_labels, KITS19_VALUES)
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise InvalidImageError(
+            f"reference {reference} has label values {shown} (expected 0, 1, 2: background, kidney, tumor); "
+            "the report's Dice would count them as kidney: remap them first (KiTS21/23 labels: use "
+            "kitsseg evaluate --gt-labels kits23 on the written mask)"
+        )

@@ -243,14 +243,15 @@ def _check_and_sort(folder: Path, items: list[tuple[Path, Any]]) -> DicomSeries:
             "is a localizer (scout) image mixed into the series? Keep only the axial slices"
         )
     x_dir, y_dir = orient[0, :3], orient[0, 3:]
-    if (
-        abs(np.linalg.norm(x_dir) - 1) > 1e-3
+    if (  # NaN compares False: without the isfinite test a NaN orientation got through to a traceback
+        not np.all(np.isfinite(orient[0]))
+        or abs(np.linalg.norm(x_dir) - 1) > 1e-3
         or abs(np.linalg.norm(y_dir) - 1) > 1e-3
         or abs(float(x_dir @ y_dir)) > 1e-3
     ):
         raise DicomSeriesError(
-            f"{first_path}: ImageOrientationPatient {list(orient[0])} is not two perpendicular unit vectors; "
-            "the header is corrupt"
+            f"{first_path}: ImageOrientationPatient {[float(v) for v in orient[0]]} is not two perpendicular "
+            "unit vectors; the header is corrupt"
         )
     x_dir, y_dir = x_dir / np.linalg.norm(x_dir), y_dir / np.linalg.norm(y_dir)
     normal = np.cross(x_dir, y_dir)
@@ -262,10 +263,17 @@ def _check_and_sort(folder: Path, items: list[tuple[Path, Any]]) -> DicomSeries:
     if not np.allclose(pixel, pixel[0], rtol=_SPACING_RTOL, atol=0) or np.any(pixel[0] <= 0):
         raise DicomSeriesError(
             f"{folder}: PixelSpacing differs between slices or is not positive "
-            f"({sorted({tuple(p) for p in pixel})[:3]}); expected one positive spacing"
+            f"({sorted({tuple(float(v) for v in p) for p in pixel})[:3]}); expected one positive spacing"
         )
 
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in items])
+    bad = np.nonzero(~np.isfinite(positions).all(axis=1))[0]
+    if bad.size:
+        raise DicomSeriesError(
+            f"{items[bad[0]][0]} has a non-finite ImagePositionPatient "
+            f"{[float(v) for v in positions[bad[0]]]}; the slice cannot be placed in a volume: the header "
+            "is corrupt"
+        )
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     items = [items[i] for i in order]

@@ -44,6 +44,10 @@ _OBLIQUE_TOL = 1e-3
 _COPY_BLOCK = (16, 64, 64)
 #: Largest label value a uint8 label file can hold.
 _MAX_LABEL = 255
+#: A qform and an sform (both coded) further apart than this, relative to the voxel size (axes) or in mm
+#: (origin), disagree (warned about): float32 rounding in converters stays far below.
+_XFORM_RTOL = 1e-3
+_XFORM_ATOL_MM = 0.1
 #: Largest voxel spacing accepted, in mm, along any axis. CT slices are at most about 10 mm apart and
 #: in-plane spacing is under 2 mm; 100 mm between voxels is a broken header (1e30 mm gave null volumes).
 MAX_SPACING_MM = 100.0
@@ -263,6 +267,7 @@ def _geometry(img: Any, path: Path, volume_index: int | None, raw: Any = None) -
             VolumeWarning,
             stacklevel=3,
         )
+    _warn_if_xforms_disagree(header, path, zooms)
     ornt = ornt_transform(file_ornt, axcodes2ornt(FRAME_AXCODES))
     return Geometry(
         shape=tuple(int(s) for s in img.shape),
@@ -272,6 +277,48 @@ def _geometry(img: Any, path: Path, volume_index: int | None, raw: Any = None) -
         axcodes=axcodes,
         oblique=oblique,
         volume_index=volume_index,
+    )
+
+
+def _warn_if_xforms_disagree(header: Any, path: Path, zooms: np.ndarray) -> None:
+    """Warn when the file holds a qform and an sform (both coded) that place the voxels differently.
+
+    kitsseg, like nibabel, uses the sform; ITK-based tools (SimpleITK, ITK-SNAP) may use the qform, so
+    the same file means two spacings or positions, and the mask is computed on only one of them. Such a
+    file used to be segmented without a word.
+    """
+    from nibabel.orientations import io_orientation, ornt2axcodes
+
+    try:
+        qform, qcode = header.get_qform(coded=True)
+        sform, scode = header.get_sform(coded=True)
+    except Exception:  # a qform nibabel cannot even build: the sform (checked above) is what is used
+        return
+    if not qcode or not scode or qform is None or sform is None:
+        return
+    tol = _XFORM_RTOL * float(zooms.max())
+    q_zooms = np.sqrt((qform[:3, :3] ** 2).sum(axis=0))
+    s_zooms = np.sqrt((sform[:3, :3] ** 2).sum(axis=0))
+    shift = float(np.abs(qform[:3, 3] - sform[:3, 3]).max())
+    differences = []
+    if np.abs(q_zooms - s_zooms).max() > tol:
+        differences.append(
+            f"voxel size {' x '.join(f'{float(v):.4g}' for v in q_zooms)} vs "
+            f"{' x '.join(f'{float(v):.4g}' for v in s_zooms)} mm"
+        )
+    elif np.abs(qform[:3, :3] - sform[:3, :3]).max() > tol:
+        q_axes, s_axes = ("".join(ornt2axcodes(io_orientation(a))) for a in (qform, sform))
+        differences.append(f"axes {q_axes} vs {s_axes}")
+    if shift > _XFORM_ATOL_MM:
+        differences.append(f"origins {shift:.3g} mm apart")
+    if not differences:
+        return
+    warnings.warn(
+        f"{path} has a qform and an sform that disagree ({', '.join(differences)}, qform first); kitsseg "
+        "uses the sform, as nibabel does, but other tools may use the qform: make them agree in the header, "
+        "and check the mask in your viewer",
+        VolumeWarning,
+        stacklevel=4,
     )
 
 
@@ -354,9 +401,13 @@ def _check_hu(data: np.ndarray, path: Path, lo_hi: tuple[float, float] | None = 
     """Warn (not fail) when the values do not look like Hounsfield units.
 
     ``lo_hi``: the range when already known (from the smaller stored integers), saving two passes.
+
+    No negative value and nothing above 1000 is a windowed or normalised image (0..1, 0..255 in uint8,
+    0..1000), not HU: a body CT holds air (-1000 HU), and one stored without its intercept (-1024) still
+    has soft tissue above 1000. Only 0..1 used to warn, so an 8-bit windowed export was segmented silently.
     """
     lo, hi = lo_hi if lo_hi is not None else (float(data.min()), float(data.max()))
-    if hi < 50.0 or (lo >= 0.0 and hi <= 1.0):
+    if hi < 50.0 or (lo >= 0.0 and hi <= 1000.0):
         warnings.warn(
             f"{path} holds values from {lo:.4g} to {hi:.4g}, which do not look like Hounsfield units "
             "(air about -1000, soft tissue 20-80, bone above 300); is it a normalised or windowed image? "

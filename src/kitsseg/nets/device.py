@@ -90,12 +90,26 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
+#: The most CPU threads accepted (or the machine's cores, where it has more). OpenMP starts every thread
+#: at the first parallel operation and cannot report a failure: ``--threads 100000`` (a typo for 10) ended
+#: in a segmentation fault with no message once the system refused to create more threads, whereas more
+#: threads than cores only slow the work down (one warning line, ``warn_if_oversubscribed``).
+MAX_THREADS = 1024
+
+
 def check_threads(n: int | None) -> int | None:
-    """``n`` as an int, or ``None``; an :class:`InvalidOptionError` when it is below 1."""
+    """``n`` as an int, or ``None``; an :class:`InvalidOptionError` when it is below 1 or above
+    :data:`MAX_THREADS` (or the cores of a larger machine), before any thread is started."""
     if n is None:
         return None
     if int(n) < 1:
         raise InvalidOptionError(f"--threads must be at least 1, got {n}")
+    limit = max(MAX_THREADS, available_cores())
+    if int(n) > limit:
+        raise InvalidOptionError(
+            f"--threads {n} is more than kitsseg starts (at most {limit}); this machine has "
+            f"{available_cores()} CPU core(s) for this job: use at most --threads {available_cores()}"
+        )
     return int(n)
 
 

@@ -147,8 +147,16 @@ def keep_largest_components(
 def _label_bridged(
     m: np.ndarray, connectivity: int, spacing: tuple[float, ...] | None, bridge_mm: float
 ) -> tuple[np.ndarray, int]:
-    """Components of ``m``, pieces across gaps of up to ``bridge_mm`` along axis 0 joined."""
-    half = int(bridge_mm / (2.0 * spacing[0])) if bridge_mm > 0 and spacing is not None else 0
+    """Components of ``m``, pieces across gaps of up to ``bridge_mm`` along axis 0 joined.
+
+    The dilation reach is capped at the mask's height: no gap inside ``m`` is longer, so a longer reach
+    joins nothing more, and it is what bounds the work. Uncapped, a z spacing of 1e-7 mm in a header made
+    ``segment`` hang in a 10**8-voxel structuring element, ``--bridge-mm 1e9`` ran out of memory and
+    ``--bridge-mm inf`` raised ``OverflowError``.
+    """
+    half = 0
+    if bridge_mm > 0 and spacing is not None:
+        half = int(min(bridge_mm / (2.0 * spacing[0]), m.shape[0]))
     if half < 1:
         return _label(m, connectivity)
     line = np.ones((2 * half + 1, 1, 1), dtype=bool)
