@@ -13,7 +13,7 @@ import pytest
 
 from kitsseg.errors import InvalidImageError
 from kitsseg.evaluation.phantom import make_phantom
-from kitsseg.io.frame import MAX_SPACING_MM, VolumeWarning, quiet_nibabel
+from kitsseg.io.frame import MAX_SPACING_MM, MIN_SPACING_MM, VolumeWarning, quiet_nibabel
 from kitsseg.io.load import load_ct, load_labels
 from kitsseg.io.save import write_frame
 from robustness import SHAPE, SPACING
@@ -53,6 +53,24 @@ def test_absurd_spacing_is_refused(tmp_path, spacing) -> None:
     label_path = write_frame(labels.astype(np.uint8), tmp_path / "gt.nii.gz", spacing=spacing)
     with pytest.raises(InvalidImageError, match="voxel spacing"):
         load_labels(label_path)
+
+
+@pytest.mark.parametrize("spacing", [(1e-7, 0.8, 0.8), (0.0025, 0.0008, 0.0008)])
+def test_tiny_spacing_is_refused(tmp_path, spacing) -> None:
+    # 1e-7 mm between slices made segment hang (bridging reach); 0.0008 is a header written in metres
+    ct, labels = make_phantom(SHAPE, SPACING, seed=1, noise_hu=1.0)
+    path = write_frame(ct, tmp_path / "ct.nii.gz", spacing=spacing)
+    with pytest.raises(InvalidImageError, match=f"less than {MIN_SPACING_MM:g} mm between voxels"):
+        load_ct(path)
+    label_path = write_frame(labels.astype(np.uint8), tmp_path / "gt.nii.gz", spacing=spacing)
+    with pytest.raises(InvalidImageError, match="voxel spacing"):
+        load_labels(label_path)
+
+
+def test_fine_but_real_spacing_loads(tmp_path) -> None:
+    ct, _ = make_phantom(SHAPE, SPACING, seed=1, noise_hu=1.0)
+    path = write_frame(ct, tmp_path / "ct.nii.gz", spacing=(0.5, 0.2, 0.2))
+    assert load_ct(path).spacing == pytest.approx((0.5, 0.2, 0.2))
 
 
 def test_coarse_but_real_spacing_loads(tmp_path) -> None:

@@ -51,6 +51,10 @@ _XFORM_ATOL_MM = 0.1
 #: Largest voxel spacing accepted, in mm, along any axis. CT slices are at most about 10 mm apart and
 #: in-plane spacing is under 2 mm; 100 mm between voxels is a broken header (1e30 mm gave null volumes).
 MAX_SPACING_MM = 100.0
+#: Smallest voxel spacing accepted, in mm. Clinical CT voxels are 0.2 mm or more; below 0.01 mm a header is
+#: broken or in other units (metres written where mm belong). Such a header made ``segment`` hang before the
+#: bridging reach was capped, and would still resample a slice stack into an absurd grid.
+MIN_SPACING_MM = 0.01
 
 
 class VolumeWarning(KitssegWarning):
@@ -239,6 +243,12 @@ def _geometry(img: Any, path: Path, volume_index: int | None, raw: Any = None) -
         raise InvalidImageError(
             f"{path} has zero voxel spacing {tuple(float(z) for z in zooms)} mm in its affine; "
             "fix the header (qform/sform/pixdim)"
+        )
+    if np.any(zooms < MIN_SPACING_MM):
+        raise InvalidImageError(
+            f"{path} has voxel spacing {tuple(float(f'{z:.4g}') for z in zooms)} mm in its affine; less than "
+            f"{MIN_SPACING_MM:g} mm between voxels is not a CT grid (a header in metres?): fix the header "
+            "(qform/sform/pixdim)"
         )
     if not np.all(zooms <= MAX_SPACING_MM):
         raise InvalidImageError(
