@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kitsseg.cli import main
-from kitsseg.errors import DatasetError, InputNotFoundError
+from kitsseg.errors import EXIT_BATCH_FAILED, DatasetError, InputNotFoundError, InvalidImageError
 from kitsseg.io.save import write_frame
 from kitsseg.postprocess.shapestats import find_label_files, shape_stats, tumor_ratios, write_json
 
@@ -154,6 +154,67 @@ def test_cli_stats(tmp_path, capsys):
     assert data["unit"] == "mm"
     assert data["min_voxels"] == 5
     assert data["n_components"] == 3
+
+
+def _add_bad_case(root: Path) -> Path:
+    """A case file that is not a NIfTI at all, sorted between the two good ones."""
+    bad = root / "case_00000b" / "segmentation.nii.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("not an image")
+    return bad
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_file_raises_or_is_skipped(tmp_path, workers):
+    good = shape_stats(write_dataset(tmp_path / "good"), workers=workers).to_dict()
+    root = write_dataset(tmp_path / "data")
+    bad = _add_bad_case(root)
+    with pytest.raises(InvalidImageError, match="not a readable NIfTI"):
+        shape_stats(root, workers=workers)  # the library default: the first bad file raises
+    seen: list[str] = []
+    stats = shape_stats(root, workers=workers, skip_failed=True, on_failure=lambda p, e: seen.append(p))
+    assert seen == [str(bad)]
+    assert [p for p, _ in stats.failed] == [str(bad)]
+    assert "not a readable NIfTI" in stats.failed[0][1]
+    data = stats.to_dict()
+    assert data["n_failed"] == 1
+    assert data["failed"][0]["path"] == str(bad)
+    # the statistics of the other files are exactly those of the folder without the bad one
+    for key in ("n_cases", "n_components", "percentiles", "p5_p95"):
+        assert data[key] == good[key]
+
+
+def test_cli_stats_reads_past_a_bad_file_and_exits_12(tmp_path, capsys):
+    root = write_dataset(tmp_path / "data")
+    bad = _add_bad_case(root)
+    out = tmp_path / "stats.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["stats", str(root), "-o", str(out)])
+    assert exc.value.code == EXIT_BATCH_FAILED
+    captured = capsys.readouterr()
+    assert "95th" in captured.out  # the table of the two good cases is shown
+    assert "failed:" in captured.out + captured.err
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1
+    assert "1 of 3 label files could not be read" in err[0]
+    assert "other 2" in err[0]
+    data = json.loads(out.read_text())
+    assert data["n_cases"] == 2
+    assert data["n_failed"] == 1
+    assert data["failed"][0]["path"] == str(bad)
+
+
+def test_cli_stats_of_only_bad_files_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "data"
+    _add_bad_case(root)
+    out = tmp_path / "stats.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["stats", str(root), "-o", str(out)])
+    assert exc.value.code == EXIT_BATCH_FAILED
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1
+    assert "none of the 1 label files could be read" in err[0]
+    assert not out.exists()
 
 
 def test_cli_stats_missing_folder(tmp_path, capsys):

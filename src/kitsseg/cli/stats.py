@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from ._app import app, console, count_progress, one_line
+from ..errors import EXIT_BATCH_FAILED
+from ._app import app, console, count_progress, fail, one_line
 
 if TYPE_CHECKING:
     from ..postprocess.shapestats import ShapeStats
@@ -74,6 +75,7 @@ def stats_command(
 ) -> None:
     """Eigenvalue-ratio statistics of the tumors in a labelled dataset (the tumor shape model)."""
 
+    from ..io.inputs import case_name
     from ..postprocess.shapestats import CaseShapes, find_label_files, shape_stats, write_json
 
     label_files = find_label_files(folder)
@@ -85,6 +87,10 @@ def stats_command(
         def advance(case: CaseShapes) -> None:
             bar.update(task, advance=1, description=one_line(case.case))
 
+        def failed(path: str, reason: str) -> None:
+            bar.update(task, advance=1)
+            bar.console.print(f"[red]failed:[/] {one_line(reason)}", highlight=False, soft_wrap=True)
+
         stats = shape_stats(
             folder,
             unit=unit.value,
@@ -92,7 +98,13 @@ def stats_command(
             largest_only=largest_only,
             workers=workers,
             progress=advance,
+            skip_failed=True,
+            on_failure=failed,
         )
+    n_files, n_failed = len(label_files), len(stats.failed)
+    if n_failed == n_files:
+        first = stats.failed[0][1]
+        fail(f"none of the {n_files} label files could be read (first: {first})", EXIT_BATCH_FAILED)
 
     console.print(_table(stats))
     lo, hi = stats.bounds
@@ -110,6 +122,13 @@ def stats_command(
     if output is not None:
         write_json(stats, output)
         console.print(f"Wrote {one_line(output)}", highlight=False, soft_wrap=True)
+    if n_failed:
+        names = ", ".join(case_name(Path(p)) for p, _ in stats.failed[:5]) + (" ..." if n_failed > 5 else "")
+        fail(
+            f"{n_failed} of {n_files} label files could not be read ({names}); the statistics cover the "
+            f"other {n_files - n_failed}",
+            EXIT_BATCH_FAILED,
+        )
 
 
 def _check_output(output: Path, label_files: list[Path]) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage  # type: ignore[import-untyped]
 
 from ..arrays import bounding_box
-from ..errors import DatasetError, InputNotFoundError, InvalidOptionError, OutputError
+from ..errors import DatasetError, InputNotFoundError, InvalidOptionError, KitssegError, OutputError
 from ..io.atomic import write_json_output
 from .components import Unit, eigenvalue_ratio
 
@@ -82,6 +82,9 @@ class ShapeStats:
     connectivity: int
     folder: str
     cases: list[CaseShapes] = field(default_factory=list)
+    #: ``(path, one-line reason)`` of label files that could not be read (``skip_failed=True``); the
+    #: statistics cover the other files.
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ratios(self) -> np.ndarray:
@@ -129,6 +132,8 @@ class ShapeStats:
             "percentiles": {str(p): _finite_or_none(v) for p, v in self.percentiles.items()},
             "p5_p95": [_finite_or_none(v) for v in self.bounds],
             "per_case": [c.to_dict() for c in self.cases],
+            "n_failed": len(self.failed),
+            "failed": [{"path": p, "error": e} for p, e in self.failed],
         }
 
     def __repr__(self) -> str:
@@ -248,11 +253,19 @@ def shape_stats(
     connectivity: int = 3,
     workers: int = 1,
     progress: Callable[[CaseShapes], None] | None = None,
+    skip_failed: bool = False,
+    on_failure: Callable[[str, str], None] | None = None,
 ) -> ShapeStats:
     """Eigenvalue-ratio statistics of every tumor component in a folder of labels.
 
     ``workers > 1`` reads cases in a process pool; cases are sorted by file path afterwards, so the
     statistics are the same for any number of workers. ``progress`` is called once per finished case.
+
+    A label file that cannot be read (a :class:`~kitsseg.errors.KitssegError`: corrupt, not labels, a
+    broken header) raises by default. With ``skip_failed`` it is recorded in :attr:`ShapeStats.failed`
+    (and passed to ``on_failure(path, reason)``) and the others are still read, as ``kitsseg stats`` does:
+    one bad file in a dataset of hundreds should not cost the statistics of the rest, and the caller
+    decides whether statistics without it are good enough.
     """
     if unit not in ("voxel", "mm"):
         raise InvalidOptionError(f"unit must be 'voxel' or 'mm', got {unit!r}")
@@ -263,20 +276,32 @@ def shape_stats(
         case_shapes, unit=unit, min_voxels=min_voxels, largest_only=largest_only, connectivity=connectivity
     )
     cases: list[CaseShapes] = []
+    failed: list[tuple[str, str]] = []
+
+    def collect(path: Path, get: Callable[[], CaseShapes]) -> None:
+        try:
+            cases.append(get())
+        except KitssegError as exc:
+            if not skip_failed:
+                raise
+            failed.append((str(path), " ".join(str(exc).split())))
+            if on_failure is not None:
+                on_failure(*failed[-1])
+            return
+        if progress is not None:
+            progress(cases[-1])
+
     n_workers = max(1, min(int(workers), len(files)))
     if n_workers == 1:
         for f in files:
-            cases.append(read(f))
-            if progress is not None:
-                progress(cases[-1])
+            collect(f, functools.partial(read, f))
     else:
         with ProcessPoolExecutor(max_workers=n_workers) as pool:
-            futures = [pool.submit(read, f) for f in files]
+            futures = {pool.submit(read, f): f for f in files}
             for fut in as_completed(futures):
-                cases.append(fut.result())
-                if progress is not None:
-                    progress(cases[-1])
+                collect(futures[fut], fut.result)
     cases.sort(key=lambda c: c.path)
+    failed.sort()
     return ShapeStats(
         unit=unit,
         min_voxels=min_voxels,
@@ -284,6 +309,7 @@ def shape_stats(
         connectivity=connectivity,
         folder=str(folder),
         cases=cases,
+        failed=failed,
     )
 
 
