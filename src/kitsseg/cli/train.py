@@ -218,10 +218,34 @@ def train_command(
     )
     if not is_main_process():
         train(data_dir, output, config)
+        _end_distributed_process()
         return
     with _Display() as display:
         result = train(data_dir, output, config, on_event=display.event)
     _summary(result)
+    _end_distributed_process()
+
+
+def _end_distributed_process() -> None:
+    """Under torchrun, end the process here, past the interpreter's finalization.
+
+    Training has returned: every file is written (atomically) and the process group destroyed. A gloo
+    worker thread that PyTorch had not yet joined can still abort the interpreter's shutdown ("terminate
+    called without an active exception", SIGABRT; seen once in CI on 2 cores), and torchrun then reports
+    the finished run as FAILED with a non-zero exit code. Ending the process directly, after flushing
+    the output, gives the run's real outcome. Single-process runs return normally.
+    """
+    import os
+    import sys
+
+    from ..training.distributed import env_context
+
+    if not env_context().is_distributed:
+        return
+    console.file.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _check_run_folder(
