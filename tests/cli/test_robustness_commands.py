@@ -200,6 +200,30 @@ def test_train_refuses_outputs_on_its_inputs(
     assert snapshot(tmp_path) == before  # nothing read was changed, no run folder or cache created
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["{data}", "-o", "{tmp}/afile"], "-o {tmp}/afile is a file, not a folder"),
+        (["{data}", "-o", "{tmp}/afile/run"], "lies under {tmp}/afile, which is a file"),
+        (["{data}", "-o", "{tmp}/run", "--cache-dir", "{tmp}/afile"], "--cache-dir {tmp}/afile is a file"),
+        (["--config", "{tmp}/recipe.json", "-o", "{tmp}/afile"], "-o {tmp}/afile is a file, not a folder"),
+    ],
+)
+def test_train_refuses_a_run_folder_that_is_a_file(
+    args: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-o`` or ``--cache-dir`` naming a file (or a path under one) was a FileExistsError or
+    NotADirectoryError traceback from mkdir, after the data had been read."""
+    data = _dataset(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "recipe.json").write_text("{}")
+    before = snapshot(tmp_path)
+    argv = ["train", *(a.format(data=data, tmp=tmp_path) for a in args), "--device", "cpu"]
+    assert run_cli(argv) == OutputError.exit_code
+    assert_one_error(capsys.readouterr().err, fragment.format(tmp=tmp_path))
+    assert snapshot(tmp_path) == before
+
+
 # ------------------------------------------------------------------------------------------ weights
 
 

@@ -380,3 +380,138 @@ def test_a_one_stage_run_exports_the_other_stage_from_its_warm_start(tmp_path: P
             export_to=tmp_path / "c.pt",
             log=lambda _m: None,
         )
+
+
+def _mutate(path: Path, change: object) -> None:
+    """Rewrite the recipe at ``path``: ``change`` is the new text, or a function editing the parsed JSON."""
+    if isinstance(change, str):
+        path.write_text(change)
+        return
+    raw = json.loads(path.read_text())
+    change(raw)  # type: ignore[operator]
+    path.write_text(json.dumps(raw))
+
+
+def _stage(key: str, value: object):  # noqa: ANN202
+    return lambda raw: raw["stages"]["kidney"].update({key: value})
+
+
+def _top(key: str, value: object):  # noqa: ANN202
+    return lambda raw: raw.update({key: value})
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ("[]", "must hold a JSON object"),
+        ("null", "must hold a JSON object"),
+        (_top("bogus", 1), "unknown key(s) ['bogus']"),
+        (lambda raw: raw["stages"].update(liver={}), "unknown stage(s) ['liver']"),
+        (_top("stages", []), "stages must be an object"),
+        (lambda raw: raw.pop("sources"), "sources must be a non-empty list"),
+        (_top("sources", [{"name": "toy", "path": "set.npz", "x": 1}]), "sources[0]: unknown key(s)"),
+        (_stage("epochs", "2"), "stages.kidney: epochs must be an integer >= 0"),
+        (_stage("epochs", 1.5), "epochs must be an integer"),
+        (_stage("lr", "fast"), "lr must be a finite number > 0"),
+        (_stage("lr", 0), "lr must be a finite number > 0"),
+        (_stage("lr", float("nan")), "lr must be a finite number > 0"),
+        (_stage("batch", 0), "batch must be an integer >= 1"),
+        (_stage("batch", -4), "batch must be an integer >= 1"),
+        (_stage("width", 0), "width must be an integer >= 1"),
+        (_stage("crop", 20), "crop must be 0 (off) or a multiple of 16"),
+        (_stage("crop", -16), "crop must be an integer >= 0"),
+        (_stage("minutes", 0), "minutes must be a finite number > 0"),
+        (_stage("neg_fraction", 2.0), "neg_fraction must be a finite number >= 0 and <= 1"),
+        (_stage("bf16", "yes"), "bf16 must be true or false"),
+        (_stage("phases", [1]), "phases must be a JSON object"),
+        (_stage("phases", {"bogus": 1}), "unknown phases option(s): ['bogus']"),
+        (_stage("augment", {"bogus": 1}), "unknown augment option(s): ['bogus']"),
+        (_stage("augment", {"scale": 1.0}), "augment.scale must be like [0.9, 1.1]"),
+        (_stage("synth", {"bogus": 1}), "unknown synth option(s): ['bogus']"),
+        (_stage("then", "x"), "'then' must be a JSON object"),
+        (_stage("ema_decay", "x"), "ema_decay must be a finite number >= 0 and < 1"),
+        (_top("grid", [30, 30]), "grid must be [rows, columns], each a multiple of 16"),
+        (_top("grid", "32"), "grid must be"),
+        (_top("grid", [32, 32, 32]), "grid must be"),
+        (_top("pixel_spacing_mm", 0), "pixel_spacing_mm must be a finite number > 0"),
+        (_top("hu_window", [255, 0]), "hu_window must be [lo, hi] with lo < hi"),
+        (_top("hu_window", [1]), "hu_window must be a list of 2 numbers"),
+        (_top("val_fraction", 1), "val_fraction must be a finite number > 0 and < 1"),
+        (_top("band_fraction", 0.3), "not a multiple of 16"),
+        (_top("seed", "x"), "seed must be an integer"),
+        (_top("export", []), "export must be a JSON object"),
+        (_top("extends", 5), "'extends' must be a file name"),
+        (_top("extends", "recipe.json"), "'extends' forms a cycle"),
+        (_top("extends", "missing.json"), "(extended by"),
+    ],
+)
+def test_a_bad_recipe_is_one_option_error_before_the_run_folder(
+    change: object, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Wrong types, out-of-range values, unknown keys and stages, a document that is not an object and an
+    ``extends`` cycle are refused when the recipe is read (they were tracebacks mid-run, after the run
+    folder was created, or were silently ignored), and the CLI prints one line, exit 2, no run folder."""
+    path = write_recipe(tmp_path, epochs=1)
+    _mutate(path, change)
+    with pytest.raises(InvalidOptionError) as info:
+        load_recipe(path)
+    assert fragment in str(info.value)
+    from robustness import assert_one_error, run_cli
+
+    capsys.readouterr()
+    assert run_cli(["train", "--config", path, "-o", tmp_path / "run"]) == InvalidOptionError.exit_code
+    assert_one_error(capsys.readouterr().err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_extends_cycle_through_two_files_names_the_chain(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, epochs=1)
+    _mutate(path, _top("extends", "b.json"))
+    (tmp_path / "b.json").write_text(json.dumps({"extends": "recipe.json"}))
+    with pytest.raises(InvalidOptionError, match="forms a cycle: .*recipe.json -> .*b.json -> .*recipe.json"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("bad", ["text", "npy", "truncated", "fields"])
+def test_an_unreadable_slice_set_is_one_dataset_error(bad: str, tmp_path: Path) -> None:
+    """A slice set that is text, a bare .npy, a cut-off .npz or lacks the named arrays was a ValueError or
+    KeyError traceback from np.load."""
+    from kitsseg.errors import DatasetError
+
+    path = write_recipe(tmp_path, epochs=1)
+    source = {"name": "toy", "path": "bad.npz"}
+    if bad == "text":
+        (tmp_path / "bad.npz").write_text("not an archive")
+    elif bad == "npy":
+        np.save(tmp_path / "bad.npy", np.zeros(3))
+        source["path"] = "bad.npy"
+    elif bad == "truncated":
+        (tmp_path / "bad.npz").write_bytes((tmp_path / "set.npz").read_bytes()[:500])
+    else:
+        source = {"name": "toy", "path": "set.npz", "fields": [["img", "lab", "case"]]}
+    _mutate(path, _top("sources", [source]))
+    with pytest.raises(DatasetError, match="slice set 'toy'"):
+        train_from_config(load_recipe(path), tmp_path / "run", log=lambda _m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_init_from_leaves_no_stage_folder(tmp_path: Path) -> None:
+    """A missing init_from file, or one whose network differs, used to leave an empty RUN/kidney behind (the
+    mismatch was a ValueError traceback in the CLI)."""
+    from kitsseg.errors import WeightsError
+
+    path = write_recipe(tmp_path, epochs=1)
+    _mutate(path, _stage("init_from", str(tmp_path / "none.pt")))
+    with pytest.raises(WeightsError):
+        train_from_config(load_recipe(path), tmp_path / "run", stages=("kidney",), log=lambda _m: None)
+    assert not (tmp_path / "run").exists()
+    weights = train_from_config(
+        load_recipe(write_recipe(tmp_path, epochs=1)),
+        tmp_path / "a",
+        export_to=tmp_path / "a.pt",
+        log=lambda _m: None,
+    )
+    _mutate(path, lambda raw: raw["stages"]["kidney"].update(init_from=str(weights), width=8))
+    with pytest.raises(InvalidOptionError, match="the recipe asks"):
+        train_from_config(load_recipe(path), tmp_path / "run", stages=("kidney",), log=lambda _m: None)
+    assert not (tmp_path / "run").exists()

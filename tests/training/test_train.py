@@ -491,3 +491,38 @@ def test_unet_from_best_matches_config(reference) -> None:  # noqa: ANN001
     assert isinstance(best.model, UNet)
     assert best.input_size == (16, 32)
     assert best.extra["best_epoch"] == reference.stages["tumor"].best_epoch
+
+
+def _copy_dataset(dataset: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(dataset, tmp_path / "data"))
+
+
+def test_label_values_above_cyst_are_refused(dataset: Path, tmp_path: Path) -> None:
+    """Labels 4..255 (an ignore value, an instance map) were silently trained as kidney; 3 (a KiTS21+ cyst)
+    still is, by design."""
+    import nibabel as nib
+
+    from kitsseg.errors import InvalidImageError
+
+    data = _copy_dataset(dataset, tmp_path)
+    seg = data / "case_00001" / "segmentation.nii.gz"
+    img = nib.load(seg)
+    labels = np.asarray(img.dataobj).astype(np.uint8)
+    labels[0, 0, 0] = 255
+    nib.save(nib.Nifti1Image(labels, img.affine), seg)
+    with pytest.raises(InvalidImageError, match="case_00001: .* has label values 255"):
+        train(data, tmp_path / "run", tiny_config(model="kidney", epochs=1))
+
+
+def test_a_text_imaging_file_is_refused_before_the_run_files(dataset: Path, tmp_path: Path) -> None:
+    """A text file named imaging.nii.gz was a nibabel ImageFileError traceback (from the header scan that
+    chooses the pixel spacing), after split.json and config.json had been written."""
+    from kitsseg.errors import InvalidImageError
+
+    data = _copy_dataset(dataset, tmp_path)
+    (data / "case_00002" / "imaging.nii.gz").write_text("not a volume")
+    with pytest.raises(InvalidImageError, match="case_00002/imaging.nii.gz is not a readable NIfTI file"):
+        train(data, tmp_path / "run", tiny_config(model="kidney", epochs=1))
+    assert not (tmp_path / "run").exists()

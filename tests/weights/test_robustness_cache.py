@@ -134,3 +134,30 @@ def test_writes_into_the_cache_that_fail(
     line = assert_one_error(capsys.readouterr().err, f"cannot write to the weights cache folder {home}")
     assert os.strerror(code) in line
     assert [p.name for p in home.iterdir()] == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["weights", "list"], ["weights", "verify"], ["weights", "path", "mine"]],
+    ids=["list", "verify", "path"],
+)
+def test_an_index_entry_pointing_outside_the_cache_is_refused_by_every_reader(
+    argv: list[str],
+    tmp_path: Path,
+    weights: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An index entry whose ``file`` is ``../mine.pt`` was refused by ``list`` only: ``path`` printed (and
+    ``--weights NAME`` used) the file outside the cache, and ``verify`` hashed it."""
+    import json
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("KITSSEG_HOME", str(home))
+    assert run_cli(["weights", "import", weights, "--name", "mine"]) == 0
+    index = json.loads((home / "index.json").read_text())
+    index["weights"]["mine"]["file"] = "../mine.pt"
+    (home / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert run_cli(argv) == WeightsError.exit_code
+    assert_one_error(capsys.readouterr().err, "entry 'mine': 'file' must be a plain file name")

@@ -168,6 +168,8 @@ def train_command(
     ] = None,
 ) -> None:
     """Train the kidney and tumor U-Nets (the seed paper's recipe) and export RUN_DIR/weights.pt."""
+    _check_folder_option("-o", output)
+    _check_folder_option("--cache-dir", cache_dir)
     if recipe_file is not None:
         warn_if_oversubscribed(threads)
         if data_dir is not None:  # the slice sets must not receive the run's files either
@@ -246,6 +248,23 @@ def _end_distributed_process() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _check_folder_option(flag: str, folder: Path | None) -> None:
+    """Refuse a run or cache folder that is a file or lies under one, before anything is read.
+
+    ``mkdir`` used to fail deep in the run with a FileExistsError or NotADirectoryError traceback (after
+    the slice sets or cases were read)."""
+    from ..errors import OutputError
+
+    if folder is None:
+        return
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is a file" if part == folder else f"lies under {part}, which is a file"
+                raise OutputError(f"{flag} {folder} {where}, not a folder; give a folder for the run's files")
+            return
 
 
 def _check_run_folder(

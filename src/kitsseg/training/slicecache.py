@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, InvalidImageError
 from ..inference.preprocess import (
     BAND_FRACTION,
     KIDNEY_INPUT,
@@ -353,6 +353,16 @@ def extract_case(case: Case, spec: CacheSpec) -> tuple[dict[str, np.ndarray], di
             f"case {case.name}: imaging {tuple(ct.data.shape)} and segmentation {tuple(labels.data.shape)} "
             "differ in shape; fix or remove the case"
         )
+    # 0..3 are KiTS labels (3: a KiTS21+ cyst, trained as kidney); anything above was silently trained as
+    # kidney too (a 255 "ignore" value, an instance map), so it is refused with the values it found.
+    values = np.unique(np.asarray(labels.data))
+    other = [int(v) for v in values if v > 3]
+    if other:
+        shown = ", ".join(map(str, other[:5])) + (" ..." if len(other) > 5 else "")
+        raise InvalidImageError(
+            f"case {case.name}: {case.labels} has label values {shown} (expected 0 background, 1 kidney, "
+            "2 tumor, 3 cyst); remap them to KiTS labels or remove the case"
+        )
     arrays, entry = extract_slices(
         np.asarray(ct.data), np.asarray(labels.data), spec, spacing_rc=(ct.spacing[1], ct.spacing[2])
     )
@@ -528,7 +538,17 @@ def choose_pixel_spacing(cases: Sequence[Case], grid: tuple[int, int]) -> float:
 
     fovs = []
     for case in cases:
-        img = cast("SpatialImage", nib.load(str(case.image)))
+        try:
+            img = cast("SpatialImage", nib.load(str(case.image)))
+        except Exception as exc:  # nibabel raises many types for a file that is not NIfTI
+            # A text file named imaging.nii.gz was a nibabel traceback here: let the CT loader name the
+            # problem in its one line (InvalidImageError), as it does for every other command.
+            from ..io.load import load_ct
+
+            load_ct(case.image)
+            raise InvalidImageError(
+                f"{case.image} is not a readable NIfTI file ({type(exc).__name__}: {exc})"
+            ) from None
         codes = nib.aff2axcodes(img.affine)
         zooms = img.header.get_zooms()[:3]
         shape = img.shape[:3]

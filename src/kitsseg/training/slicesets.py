@@ -15,6 +15,7 @@ the model card). Labels are resampled as float masks and thresholded at 0.5.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,25 @@ def read_source(root: str | os.PathLike[str], source: SliceSource) -> list[RawSl
     if not path.is_file():
         raise DatasetError(f"slice set {source.name!r} not found: {path}")
     parts: list[RawSlices] = []
-    with np.load(path) as d:
+    # A file that is not an .npz archive (a text file, a bare .npy, a truncated download) or lacks the
+    # arrays the config names is one DatasetError line: np.load's ValueError or KeyError was a traceback.
+    try:
+        d = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(
+            f"slice set {source.name!r}: {path} is not a readable .npz archive ({exc}); "
+            "give the slice set's .npz file"
+        ) from None
+    if not isinstance(d, np.lib.npyio.NpzFile):
+        raise DatasetError(f"slice set {source.name!r}: {path} is a single array, not an .npz archive")
+    missing = sorted({f for fs in source.fields for f in fs} - set(d.files))
+    if missing:
+        d.close()
+        raise DatasetError(
+            f"slice set {source.name!r}: {path} has no array(s) {missing} (it holds {sorted(d.files)}); "
+            "check the source's fields"
+        )
+    with d:
         for image_f, label_f, group_f in source.fields:
             grey = d[image_f].astype(np.float32)
             hu = grey * source.grey_to_hu[0] + source.grey_to_hu[1]

@@ -212,10 +212,10 @@ def _initial_model(sr: StageRecipe, stage: str) -> tuple[UNet, float | None]:
         path = PACKAGE_ASSETS / "kitsseg-starter.pt" if sr.init_from == "package" else Path(sr.init_from)
         bundle = load_bundle(path)
         src = bundle.kidney if stage == "kidney" else bundle.tumor
-        if src is None:
-            raise ValueError(f"{path} has no {stage} model to start from")
+        if src is None:  # an option error, not a traceback: the recipe names the wrong file
+            raise InvalidOptionError(f"init_from {path} has no {stage} model to start from")
         if src.model.config != config:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"init_from {path}: its {stage} network is {src.model.config}, the recipe asks {config}"
             )
         model = UNet(config)
@@ -230,7 +230,6 @@ def train_stage(
     """Train (or resume) one stage for its time budget; returns its ``best.pt``."""
     sr = recipe.stages[stage]
     folder = Path(out) / stage
-    folder.mkdir(parents=True, exist_ok=True)
     s = data.slices
     val = torch.from_numpy(data.val)
     has_kt = s.kidney.flatten(1).amax(1) > 0
@@ -246,6 +245,9 @@ def train_stage(
 
     torch.manual_seed(recipe.seed)
     model, source_threshold = _initial_model(sr, stage)
+    # Created only now: an init_from that is missing, corrupt or of another network used to leave an
+    # empty RUN/<stage> folder behind on a refused run.
+    folder.mkdir(parents=True, exist_ok=True)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if sr.total_epochs == 0:
         return _carry_over(model, source_threshold, stage, folder, va, s, recipe, sr, log)

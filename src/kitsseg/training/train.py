@@ -172,6 +172,13 @@ def train(
                         "choose another run folder"
                     )
         kidney_source = _kidney_source(run, stages, config)
+        # Reads every image header: an unreadable imaging file is refused before split.json and
+        # config.json are written (they used to be left behind in the run folder).
+        model_spacing = (
+            choose_pixel_spacing(cases, config.kidney_input)
+            if config.pixel_spacing_mm == "auto"
+            else config.pixel_spacing_mm
+        )
 
         def prepare_split() -> Split:
             path = run / SPLIT_FILE
@@ -188,11 +195,6 @@ def train(
         split = read_split(run / SPLIT_FILE)
 
         cache_dir = Path(config.cache_dir) if config.cache_dir is not None else run / "cache"
-        model_spacing = (
-            choose_pixel_spacing(cases, config.kidney_input)
-            if config.pixel_spacing_mm == "auto"
-            else config.pixel_spacing_mm
-        )
         spec = CacheSpec(
             pixel_spacing_mm=model_spacing,
             hu_window=(float(config.hu_window[0]), float(config.hu_window[1])),

@@ -189,7 +189,19 @@ def read_index(root: Path) -> dict[str, dict[str, Any]]:
     weights = data.get("weights") if isinstance(data, dict) else None
     if not isinstance(weights, dict):
         raise WeightsError(f"the local weights index {path} is not a kitsseg index; delete it and re-import")
-    return {str(k): dict(v) for k, v in weights.items() if isinstance(v, dict)}
+    entries = {str(k): dict(v) for k, v in weights.items() if isinstance(v, dict)}
+    # `list` refused an entry whose file names a folder ("../x.pt"), but `path`, `verify` and `--weights
+    # NAME` joined it to the cache folder and used a file outside the cache: every reader checks it here.
+    from .registry import _NAME_RE
+
+    for name, record in entries.items():
+        file = record.get("file")
+        if not isinstance(file, str) or not _NAME_RE.fullmatch(file):
+            raise WeightsError(
+                f"the local weights index {path}: entry {name!r}: 'file' must be a plain file name in the "
+                f"cache folder, got {file!r}; delete the index and import the weights again"
+            )
+    return entries
 
 
 def record_in_index(root: Path, name: str, record: dict[str, Any]) -> None:
