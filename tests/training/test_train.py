@@ -514,6 +514,28 @@ def test_label_values_above_cyst_are_refused(dataset: Path, tmp_path: Path) -> N
     nib.save(nib.Nifti1Image(labels, img.affine), seg)
     with pytest.raises(InvalidImageError, match="case_00001: .* has label values 255"):
         train(data, tmp_path / "run", tiny_config(model="kidney", epochs=1))
+    # found while the cache was built, after split.json was written: the new run folder is gone
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_case_keeps_a_run_folder_that_existed(dataset: Path, tmp_path: Path) -> None:
+    """Only a run folder the refused call created is removed; one the user made keeps what it held."""
+    import nibabel as nib
+
+    from kitsseg.errors import InvalidImageError
+
+    data = _copy_dataset(dataset, tmp_path)
+    seg = data / "case_00001" / "segmentation.nii.gz"
+    img = nib.load(seg)
+    labels = np.asarray(img.dataobj).astype(np.uint8)
+    labels[0, 0, 0] = 255
+    nib.save(nib.Nifti1Image(labels, img.affine), seg)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidImageError, match="has label values 255"):
+        train(data, run, tiny_config(model="kidney", epochs=1))
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_a_text_imaging_file_is_refused_before_the_run_files(dataset: Path, tmp_path: Path) -> None:

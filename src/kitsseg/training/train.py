@@ -8,17 +8,19 @@ torchrun. Training on sets of real CT slices (the recipe of the shipped weights)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import DatasetError, InvalidOptionError
+from ..errors import DatasetError, InvalidOptionError, KitssegError
 from ..inference.preprocess import BAND_FRACTION
 from ..weights.checkpoint import StageModel, load_bundle, save_bundle
 from .config import PAPER_EIG_BOUNDS, EventFn, Stage, TrainConfig, resolve_device
@@ -159,6 +161,7 @@ def train(
     stages: list[Stage] = ["kidney", "tumor"] if config.model == "both" else [config.model]  # type: ignore[list-item]
     device = resolve_device(config.device)
     notes: list[str] = []
+    created = not run.exists()
 
     with distributed(device.type) as ctx, torch_threads(_run_threads(config, ctx, device)):
         emit = on_event if ctx.is_main else None
@@ -191,25 +194,28 @@ def train(
             write_json_atomic(run / "config.json", dict(config.to_dict(), data_dir=str(data)))
             return split
 
-        ctx.run_on_main(prepare_split)
-        split = read_split(run / SPLIT_FILE)
+        # A case refused while the split is written or the cache built (a NaN volume, shapes that
+        # differ) leaves no run folder behind that this call created.
+        with _undo_new_run_folder(run, created, ctx.is_main):
+            ctx.run_on_main(prepare_split)
+            split = read_split(run / SPLIT_FILE)
 
-        cache_dir = Path(config.cache_dir) if config.cache_dir is not None else run / "cache"
-        spec = CacheSpec(
-            pixel_spacing_mm=model_spacing,
-            hu_window=(float(config.hu_window[0]), float(config.hu_window[1])),
-            kidney_input=tuple(config.kidney_input),  # type: ignore[arg-type]
-            tumor_input=tuple(config.tumor_input),  # type: ignore[arg-type]
-            dtype=config.cache_dtype,
-        )
-        built = ctx.run_on_main(
-            lambda: open_or_build(cases, cache_dir, spec, workers=config.workers, on_event=emit)[1]
-        )
-        cache = open_cache(cache_dir, spec, fingerprint(cases))
-        if cache is None:
-            raise DatasetError(
-                f"the slice cache in {cache_dir} is missing or incomplete; delete it and rerun"
+            cache_dir = Path(config.cache_dir) if config.cache_dir is not None else run / "cache"
+            spec = CacheSpec(
+                pixel_spacing_mm=model_spacing,
+                hu_window=(float(config.hu_window[0]), float(config.hu_window[1])),
+                kidney_input=tuple(config.kidney_input),  # type: ignore[arg-type]
+                tumor_input=tuple(config.tumor_input),  # type: ignore[arg-type]
+                dtype=config.cache_dtype,
             )
+            built = ctx.run_on_main(
+                lambda: open_or_build(cases, cache_dir, spec, workers=config.workers, on_event=emit)[1]
+            )
+            cache = open_cache(cache_dir, spec, fingerprint(cases))
+            if cache is None:
+                raise DatasetError(
+                    f"the slice cache in {cache_dir} is missing or incomplete; delete it and rerun"
+                )
         if emit:
             emit(
                 "cache_ready",
@@ -315,3 +321,20 @@ def _kidney_source(
         "(a kitsseg weights file with the same --hu-window), or train the kidney stage in this run "
         "folder first (--model kidney), or use --model both"
     )
+
+
+@contextlib.contextmanager
+def _undo_new_run_folder(run: Path, created: bool, is_main: bool) -> Iterator[None]:
+    """Remove ``run`` when the block refuses the job (a :class:`KitssegError`) and this call created it.
+
+    A bad case is found only while the slice cache is built, after ``split.json`` and ``config.json`` are
+    written: the run was refused with one clear line but left those files and a partial cache in a new
+    run folder. A folder that existed before the call (``--resume``, a folder the user made) is left as
+    it was found otherwise; only rank 0 removes.
+    """
+    try:
+        yield
+    except KitssegError:
+        if created and is_main:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
